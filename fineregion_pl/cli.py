@@ -1,0 +1,79 @@
+"""The ``fineregion-pl`` command: LightningCLI for fit/validate/test/predict, plain functions for the rest.
+
+As in litgpt's ``__main__``, each extra verb is a typed function whose signature and docstring
+become its command line (through jsonargparse).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+from lightning.pytorch.cli import LightningCLI
+
+LIGHTNING_VERBS = {
+    "fit": "train a stage (LightningCLI: --config configs/stage1.yaml ...)",
+    "validate": "run the validation loop on a checkpoint",
+    "test": "evaluate a checkpoint on the test split; writes results.json and results.md",
+    "predict": "captions for every region of the prediction data",
+}
+
+
+def _plain_verbs() -> dict[str, tuple[Callable, str]]:
+    from .quickstart import quickstart
+
+    return {
+        "quickstart": (quickstart, "the whole pipeline on the built-in synthetic benchmark, on the CPU"),
+    }
+
+
+class FineRegionCLI(LightningCLI):
+    """LightningCLI with our defaults: any LightningModule by ``class_path``, the region DataModule."""
+
+    def __init__(self, args: Optional[list[str]] = None, run: bool = True):
+        from .data import RegionDataModule
+
+        super().__init__(
+            model_class=None,
+            datamodule_class=RegionDataModule,
+            subclass_mode_model=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+
+
+def cli_main(args: list[str]) -> FineRegionCLI:
+    """Run a LightningCLI verb with ``args`` (``["fit", "--config", ...]``) in this process."""
+    return FineRegionCLI(args=args)
+
+
+def _usage(plain: dict[str, tuple[Callable, str]]) -> str:
+    lines = ["usage: fineregion-pl VERB [options]   (fineregion-pl VERB --help for a verb's options)", "", "verbs:"]
+    for verb, text in list(LIGHTNING_VERBS.items()) + [(v, t) for v, (_, t) in plain.items()]:
+        lines.append(f"  {verb:<11} {text}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of the ``fineregion-pl`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plain = _plain_verbs()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(plain))
+        return
+    verb = argv[0]
+    if verb in plain:
+        from jsonargparse import auto_cli
+
+        auto_cli(plain[verb][0], args=argv[1:])
+        return
+    if verb not in LIGHTNING_VERBS:
+        print(f"fineregion-pl: unknown verb {verb!r}\n\n{_usage(plain)}", file=sys.stderr)
+        raise SystemExit(2)
+    cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()

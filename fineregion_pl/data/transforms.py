@@ -1,0 +1,115 @@
+"""Per-sample transforms: letterbox resize of the image with its boxes, region sampling, caption choice."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class RegionSample:
+    """One image and all its (kept) regions, ready for collation.
+
+    ``boxes`` are xyxy pixels of the letterboxed ``image`` (content at the top-left, padding at
+    the right/bottom); ``scale`` maps them back to the original image (``original = box / scale``).
+    """
+
+    image: torch.Tensor  # (3, S, S) normalised
+    boxes: torch.Tensor  # (n, 4)
+    categories: torch.Tensor  # (n,) long, -1 when unknown
+    captions: list[str]  # the training target of each region
+    references: list[list[str]]  # all reference sentences of each region
+    region_ids: list[Any]
+    referring: list[list[str]]
+    questions: list[dict]
+    image_id: Any
+    scale: float
+    size: tuple[int, int]  # original (width, height)
+
+
+def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, float]:
+    """Resize so the longer side is ``size``, pad right/bottom to ``size x size``, normalise.
+
+    Returns the ``(3, size, size)`` tensor and the scale applied to the image (and so to boxes).
+    """
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / max(w, h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    canvas = np.zeros((size, size, 3), dtype=np.float32)
+    canvas[:new_h, :new_w] = np.asarray(image, dtype=np.float32) / 255.0
+    canvas[:new_h, :new_w] = (canvas[:new_h, :new_w] - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(canvas).permute(2, 0, 1).contiguous(), scale
+
+
+def to_region_sample(image: Image.Image, record: dict, image_size: int, max_regions: int, train: bool, rng: Optional[random.Random] = None) -> RegionSample:
+    """Turn a decoded shard sample (PIL image, JSON record) into a :class:`RegionSample`.
+
+    At most ``max_regions`` regions are kept: a random subset when training, the first ones
+    otherwise. When training, each region's caption is drawn at random from its captions.
+    """
+    rng = rng or random
+    regions = [r for r in record.get("regions", []) if r.get("captions")]
+    if len(regions) > max_regions:
+        regions = rng.sample(regions, max_regions) if train else regions[:max_regions]
+    tensor, scale = letterbox(image, image_size)
+    boxes = torch.tensor([r["box"] for r in regions], dtype=torch.float32).reshape(-1, 4) * scale
+    categories = torch.tensor([r.get("category_id") if r.get("category_id") is not None else -1 for r in regions], dtype=torch.long)
+    captions = [rng.choice(r["captions"]) if train else r["captions"][0] for r in regions]
+    return RegionSample(
+        image=tensor,
+        boxes=boxes,
+        categories=categories,
+        captions=captions,
+        references=[list(r["captions"]) for r in regions],
+        region_ids=[r["id"] for r in regions],
+        referring=[list(r.get("referring", [])) for r in regions],
+        questions=list(record.get("questions", [])),
+        image_id=record.get("image_id"),
+        scale=scale,
+        size=(int(record.get("width", image.width)), int(record.get("height", image.height))),
+    )
+
+
+def collate_regions(samples: list[RegionSample]) -> dict[str, Any]:
+    """Batch samples, padding regions to the largest count in the batch.
+
+    Returns a dict with ``images (B, 3, S, S)``, ``boxes (B, N, 4)`` (zeros where padded),
+    ``region_valid (B, N)`` bool, ``categories (B, N)`` (-1 where padded or unknown), and the
+    per-image lists ``captions``, ``references``, ``region_ids``, ``referring``, ``questions``,
+    ``image_ids``, ``scales``, ``sizes``.
+    """
+    b = len(samples)
+    n = max([len(s.region_ids) for s in samples] + [1])
+    boxes = torch.zeros(b, n, 4)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    categories = torch.full((b, n), -1, dtype=torch.long)
+    for i, s in enumerate(samples):
+        k = len(s.region_ids)
+        boxes[i, :k] = s.boxes
+        valid[i, :k] = True
+        categories[i, :k] = s.categories
+    return {
+        "images": torch.stack([s.image for s in samples]),
+        "boxes": boxes,
+        "region_valid": valid,
+        "categories": categories,
+        "captions": [s.captions for s in samples],
+        "references": [s.references for s in samples],
+        "region_ids": [s.region_ids for s in samples],
+        "referring": [s.referring for s in samples],
+        "questions": [s.questions for s in samples],
+        "image_ids": [s.image_id for s in samples],
+        "scales": torch.tensor([s.scale for s in samples]),
+        "sizes": torch.tensor([s.size for s in samples], dtype=torch.float32),
+    }

@@ -1,0 +1,75 @@
+"""Collects a test run's region predictions on every rank and turns them into ``results.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+
+from .captions import caption_metrics
+from .classification import category_from_text, classification_metrics
+from .report import results_table, write_results
+
+
+class RegionTestCollector:
+    """Keeps, for each evaluated region, the prediction, the references and the true category."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def reset(self) -> None:
+        self.rows = []
+
+    def add(self, batch: dict[str, Any], predictions: list[dict]) -> None:
+        """Attach references and true categories of ``batch`` to its prediction rows."""
+        slot = {(img, rid): (b, n) for b, (img, ids) in enumerate(zip(batch["image_ids"], batch["region_ids"])) for n, rid in enumerate(ids)}
+        for row in predictions:
+            b, n = slot[(row["image_id"], row["region_id"])]
+            self.rows.append({**row, "references": batch["references"][b][n], "target": int(batch["categories"][b, n])})
+
+    def gather(self) -> Optional[list[dict]]:
+        """All ranks' rows on rank 0 (``None`` elsewhere), deduplicated by (image, region)."""
+        rows = self.rows
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everything: list = [None] * dist.get_world_size()
+            dist.all_gather_object(everything, rows)
+            if dist.get_rank() != 0:
+                return None
+            rows = [r for part in everything for r in part]
+        unique = {(str(r["image_id"]), str(r["region_id"])): r for r in rows}
+        return [unique[k] for k in sorted(unique)]
+
+    def compute(self, module: Any, categories: list[str], num_classes: int) -> Optional[dict]:
+        """Caption and classification metrics over all collected regions (rank 0 only)."""
+        rows = self.gather()
+        if rows is None:
+            return None
+        self.rows = rows
+        keys = [(r["image_id"], r["region_id"]) for r in rows]
+        caption = caption_metrics({k: r["caption"] for k, r in zip(keys, rows)}, {k: r["references"] for k, r in zip(keys, rows)})
+        targets = [r["target"] for r in rows]
+        head = classification_metrics([r["category_id"] for r in rows], targets, num_classes)
+        text = classification_metrics([category_from_text(r["caption"], categories) for r in rows], targets, num_classes)
+        exact = sum(r["caption"].strip().lower() in [x.strip().lower() for x in r["references"]] for r in rows)
+        caption.update(exact_match=exact / max(1, len(rows)), regions=len(rows))
+        return {
+            "classification": {
+                "accuracy": head["accuracy"],
+                "macro_f1": head["macro_f1"],
+                "text_accuracy": text["accuracy"],
+                "text_macro_f1": text["macro_f1"],
+                "regions": head["count"],
+            },
+            "caption": caption,
+        }
+
+    def write(self, results: dict, out_dir: Path) -> None:
+        """Write ``results.json``, ``results.md`` and ``predictions.jsonl``; print the table."""
+        write_results(results, out_dir, title="Test results")
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows)
+        (Path(out_dir) / "predictions.jsonl").write_text(text, encoding="utf-8")
+        rank_zero_info(f"\n{results_table(results)}\n\nresults written to {Path(out_dir) / 'results.json'}")
+

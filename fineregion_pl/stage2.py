@@ -1,0 +1,235 @@
+"""Stage 2: adaptive region prompts into a LoRA language model (paper sections 3.3-3.5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .boxes import box_geometry
+from .checkpoints import load_stage1_weights, read_checkpoint
+from .config_utils import as_config, optional_config, plain_hparams
+from .evaluation.test_results import RegionTestCollector
+from .language import LanguageModelConfig, RegionLanguageModel
+from .losses import consistency_loss, mask_loss
+from .masking import DynamicMasking
+from .optim import adamw_with_schedule
+from .prompts import PromptMode, RegionPrompt
+from .region_model import RegionOutputs, RegionVisionModel
+from .vision import EncoderConfig, MaskingMode, whole_image_boxes
+
+
+class Stage2Module(L.LightningModule):
+    """Trains the region prompt and the LM's LoRA adapters on ``w * L_mask + λ1 L_caption + λ2 L_consistency``.
+
+    Args:
+        language_model: the Hugging Face LM, its LoRA settings and the instruction template.
+        init_from: a stage-1 Lightning checkpoint; its encoder, head and attention weights are
+            loaded, and ``encoder``/``num_classes`` default to the ones it was trained with.
+        encoder: the backbone (default: from ``init_from``).
+        num_classes: region categories (default: from ``init_from``).
+        categories: category names, index = ``category_id`` (default: from ``init_from``).
+        masking: region pooling: ``dynamic``, ``hard`` or ``none``.
+        dynamic: training-time perturbations of ``dynamic`` masking.
+        prompt_mode: ``adaptive`` (the method) or ``static`` (the "no adaptive prompts" ablation).
+        prompt_tokens: ``k``, soft prompt tokens per region (plus one region token).
+        prompt_hidden: hidden size of the adaptive prompt generator.
+        freeze_encoder: keep the vision encoder fixed in stage 2.
+        caption_weight: ``λ1``.
+        consistency_weight: ``λ2``.
+        mask_loss_weight: weight of ``L_mask`` carried over from stage 1 (0 switches it off).
+        lr: learning rate of the region prompt.
+        lora_lr: learning rate of the LM's trainable weights (default: ``lr``).
+        encoder_lr: learning rate of the vision side.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up before cosine decay to ``max_steps``.
+        max_new_tokens: caption length limit at generation.
+        num_beams: 1 for greedy decoding, more for beam search.
+        generation_batch_size: regions per ``generate`` call at evaluation.
+        ignore_regions: evaluate with every box replaced by the whole image (the control that
+            shows how much the captions depend on region information).
+        results_dir: where ``test`` writes ``results.json`` (default: the logger's folder).
+    """
+
+    def __init__(
+        self,
+        language_model: LanguageModelConfig = LanguageModelConfig(),
+        init_from: Optional[str] = None,
+        encoder: Optional[EncoderConfig] = None,
+        num_classes: Optional[int] = None,
+        categories: Optional[list[str]] = None,
+        masking: MaskingMode = "dynamic",
+        dynamic: DynamicMasking = DynamicMasking(),
+        prompt_mode: PromptMode = "adaptive",
+        prompt_tokens: int = 4,
+        prompt_hidden: int = 512,
+        freeze_encoder: bool = False,
+        caption_weight: float = 1.0,
+        consistency_weight: float = 0.0,
+        mask_loss_weight: float = 0.0,
+        lr: float = 1e-3,
+        lora_lr: Optional[float] = None,
+        encoder_lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 50,
+        max_new_tokens: int = 16,
+        num_beams: int = 1,
+        generation_batch_size: int = 256,
+        ignore_regions: bool = False,
+        results_dir: Optional[str] = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        stage1 = read_checkpoint(init_from) if init_from else None
+        stage1_hparams = (stage1 or {}).get("hyper_parameters", {})
+        encoder = optional_config(EncoderConfig, encoder) or optional_config(EncoderConfig, stage1_hparams.get("encoder"))
+        if encoder is None:
+            raise ValueError("Stage2Module needs `encoder` or `init_from` (a stage-1 checkpoint to take the encoder from)")
+        num_classes = num_classes or stage1_hparams.get("num_classes")
+        if not num_classes:
+            raise ValueError("Stage2Module needs `num_classes` or `init_from` (a stage-1 checkpoint to take it from)")
+        self.hparams.update(encoder=encoder, num_classes=num_classes, categories=categories or stage1_hparams.get("categories"))
+        plain_hparams(self.hparams)
+        self.dynamic = as_config(DynamicMasking, dynamic)
+        self.vision = RegionVisionModel(encoder, num_classes, stage1_hparams.get("head_hidden", 256), stage1_hparams.get("attn_dim", 64))
+        if stage1 is not None:
+            load_stage1_weights(self.vision, stage1, init_from)
+        if freeze_encoder:
+            self.vision.requires_grad_(False)
+        self.language = RegionLanguageModel(as_config(LanguageModelConfig, language_model))
+        self.prompt = RegionPrompt(
+            self.vision.out_dim, self.language.hidden_size, prompt_tokens, prompt_mode, prompt_hidden, self.language.embedding_rms()
+        )
+        self.collector = RegionTestCollector()
+        # frozen LM weights are not saved in checkpoints (see on_save_checkpoint)
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------ forward pieces
+    def encode(self, batch: dict[str, Any]) -> tuple[RegionOutputs, Tensor, Tensor]:
+        """Vision forward and region prompts for every valid region of the batch.
+
+        Returns the vision outputs, the ``(R, 2)`` ``(image, slot)`` index of each valid region and
+        its ``(R, k + 1, d)`` prompt.
+        """
+        boxes = batch["boxes"]
+        masking = self.hparams.masking
+        if self.hparams.ignore_regions:
+            boxes, masking = whole_image_boxes(boxes, tuple(batch["images"].shape[-2:])), "none"
+        out = self.vision(batch["images"], boxes, batch["region_valid"], masking, self.dynamic)
+        index = out.region_valid.nonzero()
+        height, width = batch["images"].shape[-2:]
+        size = torch.tensor([float(width), float(height)], device=boxes.device).expand(boxes.shape[0], 2)
+        geometry = box_geometry(out.boxes, size[:, 0], size[:, 1])
+        b, n = index[:, 0], index[:, 1]
+        prompts = self.prompt(out.regions.z[b, n], out.regions.context[b], geometry[b, n])
+        return out, index, prompts
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """All stage-2 losses of a batch (each logged; ``loss`` is the weighted sum)."""
+        out, index, prompts = self.encode(batch)
+        texts = [batch["captions"][b][n] for b, n in index.tolist()]
+        caption, rep = self.language.caption_loss(prompts, texts)
+        reps = rep.new_zeros(*out.region_valid.shape, rep.shape[-1])
+        reps[index[:, 0], index[:, 1]] = rep
+        consistency = consistency_loss(reps, out.boxes, out.region_valid)
+        total = self.hparams.caption_weight * caption + self.hparams.consistency_weight * consistency
+        result = {"caption_loss": caption, "consistency_loss": consistency}
+        if self.hparams.mask_loss_weight > 0:
+            result["mask_loss"] = mask_loss(out.attn_logits, out.target_masks, out.region_valid)
+            total = total + self.hparams.mask_loss_weight * result["mask_loss"]
+        labelled = out.region_valid & (batch["categories"] >= 0)
+        if labelled.any():
+            result["acc"] = (out.logits.argmax(-1) == batch["categories"])[labelled].float().mean()
+        result["loss"] = total
+        return result
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses = self.losses(batch)
+        bs = batch["images"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
+        self.log("train/caption", losses["caption_loss"].detach(), prog_bar=True, batch_size=bs, logger=False)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch["images"].shape[0], sync_dist=True, prog_bar=False)
+
+    @torch.no_grad()
+    def describe(self, batch: dict[str, Any]) -> list[dict]:
+        """Captions and categories for every valid region of a batch, aligned to region ids."""
+        out, index, prompts = self.encode(batch)
+        captions: list[str] = []
+        step = self.hparams.generation_batch_size
+        for start in range(0, prompts.shape[0], step):
+            captions += self.language.generate(prompts[start : start + step], self.hparams.max_new_tokens, self.hparams.num_beams)
+        probs = out.logits.float().softmax(-1)
+        names = self.hparams.categories
+        rows = []
+        for (b, n), caption in zip(index.tolist(), captions):
+            score, cls = probs[b, n].max(-1)
+            scale = float(batch["scales"][b])
+            rows.append({
+                "image_id": batch["image_ids"][b],
+                "region_id": batch["region_ids"][b][n],
+                "box": [round(float(v) / scale, 2) for v in out.boxes[b, n]],
+                "caption": caption,
+                "category_id": int(cls),
+                "category": names[int(cls)] if names else None,
+                "score": round(float(score), 4),
+            })
+        return rows
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rows = self.describe(batch)
+        self.collector.add(batch, rows)
+
+    def on_test_epoch_start(self) -> None:
+        self.collector.reset()
+
+    def on_test_epoch_end(self) -> None:
+        results = self.collector.compute(self, self.hparams.categories or [], self.hparams.num_classes)
+        if results is None:  # not rank 0
+            return
+        for section in ("classification", "caption"):
+            for name, value in results.get(section, {}).items():
+                if isinstance(value, float):
+                    self.log(f"test/{section}/{name}", value, rank_zero_only=True)
+        out_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+        self.collector.write(results, out_dir)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict]:
+        return self.describe(batch)
+
+    # ------------------------------------------------------------------ optimisation and checkpoints
+    def configure_optimizers(self) -> dict:
+        lr = self.hparams.lr
+        groups = [
+            {"params": list(self.prompt.parameters()), "lr": lr},
+            {"params": list(self.language.parameters()), "lr": self.hparams.lora_lr or lr},
+            {"params": list(self.vision.parameters()), "lr": self.hparams.encoder_lr},
+        ]
+        return adamw_with_schedule(groups, self.hparams.weight_decay, self.hparams.warmup_steps, self.trainer.estimated_stepping_batches)
+
+    def frozen_lm_keys(self) -> set[str]:
+        """State-dict keys of frozen language-model weights (the base LM under LoRA)."""
+        return {f"language.{name}" for name, p in self.language.named_parameters() if not p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self.frozen_lm_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["frozen_lm_from"] = self.hparams.language_model["name_or_path"]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = set(self.state_dict()) - self.frozen_lm_keys()
+        missing = sorted(expected - set(checkpoint["state_dict"]))
+        unexpected = sorted(set(checkpoint["state_dict"]) - set(self.state_dict()))
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint does not fit this Stage2Module: missing {len(missing)} key(s) {missing[:5]}, "
+                f"unexpected {len(unexpected)} key(s) {unexpected[:5]} (a stage-1 checkpoint goes to `init_from`, not `ckpt_path`)"
+            )

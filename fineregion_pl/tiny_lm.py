@@ -1,0 +1,85 @@
+"""A small "pretrained" language model for the synthetic benchmark, made on the CPU in seconds.
+
+A word-level tokenizer is trained on the benchmark's text with the ``tokenizers`` library, a
+2-layer Llama is pretrained on that text, and both are saved with ``save_pretrained``, so stage 2
+loads them through the same ``from_pretrained`` + LoRA path as a hub model.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+
+def train_word_tokenizer(texts: Sequence[str]) -> "transformers.PreTrainedTokenizerFast":
+    """A word-level tokenizer (lower-case, whitespace and punctuation split) over ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[BOS]", "[EOS]", "[UNK]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]")
+
+
+def build_tiny_lm(
+    out_dir: Path,
+    texts: Sequence[str],
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Train a tokenizer and pretrain a tiny Llama on ``texts``; save both to ``out_dir``."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = train_word_tokenizer(texts)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    encoded = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    bar = tqdm(range(steps), desc="tiny LM pretraining", disable=not progress)
+    for _ in bar:
+        batch = rng.sample(encoded, min(batch_size, len(encoded)))
+        length = max(len(s) for s in batch)
+        ids = torch.full((len(batch), length), tokenizer.pad_token_id)
+        for row, seq in enumerate(batch):
+            ids[row, : len(seq)] = torch.tensor(seq)
+        labels = ids.masked_fill(ids == tokenizer.pad_token_id, -100)
+        loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
