@@ -9,13 +9,14 @@ into the dataclass again.
 from __future__ import annotations
 
 from dataclasses import asdict, fields, is_dataclass
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar, get_type_hints
 
 T = TypeVar("T")
 
 
 def as_config(cls: type[T], value: Any) -> T:
-    """``value`` as a ``cls`` dataclass: a ``cls`` is returned as is, a dict is checked and converted."""
+    """``value`` as a ``cls`` dataclass: a ``cls`` is returned as is, a dict is checked and converted
+    (nested dataclass fields too)."""
     if value is None:
         return cls()
     if isinstance(value, cls):
@@ -25,7 +26,12 @@ def as_config(cls: type[T], value: Any) -> T:
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**value)
+        hints = get_type_hints(cls)
+        converted = {}
+        for key, item in value.items():
+            kind = hints.get(key)
+            converted[key] = as_config(kind, item) if isinstance(item, dict) and is_dataclass(kind) else item
+        return cls(**converted)
     raise TypeError(f"expected a {cls.__name__} or a dict, got {type(value).__name__}")
 
 

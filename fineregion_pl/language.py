@@ -85,6 +85,7 @@ def load_language_model(config: LanguageModelConfig) -> tuple[nn.Module, "transf
         kwargs["attn_implementation"] = config.attn_implementation
     model = auto.from_pretrained(config.name_or_path, **kwargs)
     tokenizer = transformers.AutoTokenizer.from_pretrained(config.name_or_path)
+    model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if config.gradient_checkpointing:

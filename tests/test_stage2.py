@@ -1,0 +1,102 @@
+"""Stage 2: stage-1 weights carried over, only LoRA + prompt train in the LM, it learns, it generates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_trainer
+from learning import LossRecorder, first_batch, fixed_batch_loader
+
+from fineregion_pl import RegionDataModule, Stage2Module
+from fineregion_pl.checkpoints import read_checkpoint
+from fineregion_pl.language import LanguageModelConfig, LoraSettings
+
+
+def make_stage2(stage1_checkpoint, tiny_lm, **kwargs) -> Stage2Module:
+    lm = LanguageModelConfig(name_or_path=str(tiny_lm), lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    defaults = dict(init_from=str(stage1_checkpoint), language_model=lm, prompt_tokens=2, prompt_hidden=32, lr=3e-3, warmup_steps=1, max_new_tokens=6)
+    defaults.update(kwargs)
+    torch.manual_seed(0)
+    return Stage2Module(**defaults)
+
+
+@pytest.fixture(scope="module")
+def data(synthetic_data):
+    return RegionDataModule([str(synthetic_data)], image_size=64, batch_size=4, num_workers=0)
+
+
+def test_stage2_encoder_equals_stage1_checkpoint(stage1_checkpoint, tiny_lm):
+    module = make_stage2(stage1_checkpoint, tiny_lm)
+    saved = {k[len("model."):]: v for k, v in read_checkpoint(stage1_checkpoint)["state_dict"].items() if k.startswith("model.")}
+    own = module.vision.state_dict()
+    assert set(saved) == set(own)
+    for key, value in saved.items():
+        assert torch.equal(own[key], value), key
+    assert module.hparams.num_classes == 5 and module.hparams.categories[:2] == ["circle", "square"]
+
+
+def test_stage2_trains_only_lora_and_prompt_in_the_lm(stage1_checkpoint, tiny_lm):
+    module = make_stage2(stage1_checkpoint, tiny_lm, freeze_encoder=True)
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable, "nothing to train"
+    assert all(n.startswith("prompt.") or "lora_" in n for n in trainable), [n for n in trainable if not n.startswith("prompt.") and "lora_" not in n]
+    assert any("lora_" in n for n in trainable) and any(n.startswith("prompt.") for n in trainable)
+    frozen_lm = [n for n, p in module.language.named_parameters() if not p.requires_grad]
+    assert any("embed_tokens" in n for n in frozen_lm)
+
+
+def test_stage2_training_steps_lower_the_caption_loss(stage1_checkpoint, tiny_lm, data, tmp_path):
+    module = make_stage2(stage1_checkpoint, tiny_lm, masking="hard", lr=1e-2)
+    batch = first_batch(data)
+    recorder = LossRecorder()
+    trainer = tiny_trainer(tmp_path, max_steps=20, callbacks=[recorder], enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=fixed_batch_loader(batch, 20))
+    assert sum(recorder.losses[-3:]) / 3 < 0.7 * sum(recorder.losses[:3]) / 3
+
+
+def test_generation_gives_one_caption_per_valid_region(stage1_checkpoint, tiny_lm, data):
+    module = make_stage2(stage1_checkpoint, tiny_lm).eval()
+    batch = first_batch(data, "test")
+    batch["region_valid"][0, -1] = False  # one more padded slot
+    rows = module.describe(batch)
+    expected = [(batch["image_ids"][b], batch["region_ids"][b][n]) for b, n in batch["region_valid"].nonzero().tolist()]
+    assert [(r["image_id"], r["region_id"]) for r in rows] == expected
+    assert all(isinstance(r["caption"], str) for r in rows)
+    assert len(rows) == int(batch["region_valid"].sum()) < batch["region_valid"].numel()
+
+
+def test_stage2_checkpoint_skips_frozen_lm_weights_and_reloads(stage1_checkpoint, tiny_lm, data, tmp_path):
+    module = make_stage2(stage1_checkpoint, tiny_lm)
+    batch = first_batch(data)
+    trainer = tiny_trainer(tmp_path, max_steps=2, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=fixed_batch_loader(batch, 2))
+    path = tmp_path / "stage2.ckpt"
+    trainer.save_checkpoint(path)
+    state = read_checkpoint(path)["state_dict"]
+    assert not any(k in state for k in module.frozen_lm_keys())
+    assert any("lora_" in k for k in state)
+    restored = Stage2Module.load_from_checkpoint(path, weights_only=True).eval()
+    module.eval()
+    with torch.no_grad():
+        _, _, prompts_a = module.encode(batch)
+        _, _, prompts_b = restored.encode(batch)
+        logits_a, *_ = module.language.teacher_forced(prompts_a, ["a small red circle"] * len(prompts_a))
+        logits_b, *_ = restored.language.teacher_forced(prompts_b, ["a small red circle"] * len(prompts_b))
+    torch.testing.assert_close(logits_a, logits_b, atol=1e-5, rtol=1e-5)
+
+
+def test_stage2_refuses_a_stage1_checkpoint_as_its_own(stage1_checkpoint, tiny_lm):
+    module = make_stage2(stage1_checkpoint, tiny_lm)
+    checkpoint = read_checkpoint(stage1_checkpoint)
+    with pytest.raises(RuntimeError, match="missing .* key"):
+        module.on_load_checkpoint(checkpoint)
+
+
+def test_init_from_a_checkpoint_that_does_not_fit_names_the_keys(stage1_checkpoint, tiny_lm, tmp_path):
+    checkpoint = read_checkpoint(stage1_checkpoint)
+    del checkpoint["state_dict"]["model.head.1.weight"]
+    broken = tmp_path / "broken.ckpt"
+    torch.save(checkpoint, broken)
+    with pytest.raises(ValueError, match=r"missing \['head.1.weight'\]"):
+        make_stage2(broken, tiny_lm)
