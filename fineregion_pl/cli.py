@@ -44,8 +44,22 @@ class FineRegionCLI(LightningCLI):
         )
 
 
-def cli_main(args: list[str]) -> FineRegionCLI:
-    """Run a LightningCLI verb with ``args`` (``["fit", "--config", ...]``) in this process."""
+    def _parse_ckpt_path(self) -> None:
+        """Take the model's hyper-parameters from ``--ckpt_path`` only when no model config is given.
+
+        Lightning would let the checkpoint's hyper-parameters override the config, so evaluation
+        knobs (``num_beams``, ``results_dir``, ``ignore_regions``...) given with ``--config`` or on
+        the command line would be silently ignored. Here a given model config wins and the
+        checkpoint supplies the weights; with no model config, the checkpoint's is used.
+        """
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("model") is not None:
+            return
+        super()._parse_ckpt_path()
+
+
+def cli_main(args: Optional[list[str]] = None) -> FineRegionCLI:
+    """Run a LightningCLI verb with ``args`` (``["fit", "--config", ...]``; default: the command line) in this process."""
     return FineRegionCLI(args=args)
 
 
@@ -58,6 +72,7 @@ def _usage(plain: dict[str, tuple[Callable, str]]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``fineregion-pl`` console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     plain = _plain_verbs()
     if not argv or argv[0] in ("-h", "--help"):
@@ -72,7 +87,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if verb not in LIGHTNING_VERBS:
         print(f"fineregion-pl: unknown verb {verb!r}\n\n{_usage(plain)}", file=sys.stderr)
         raise SystemExit(2)
-    cli_main(argv)
+    cli_main(None if from_command_line else argv)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ full resolution and downsampled by area onto the same grid, so a box and the pol
 box give the same mask.
 
 No function on the model's forward path (:func:`box_masks`, :func:`masked_mean`,
-:func:`merge_masks`, :func:`area_downsample`) loops over images or regions in Python: their op
-count does not depend on ``B`` or ``N``. Only :func:`rasterize_segmentations` walks the regions,
-because decoding COCO annotations is a per-annotation CPU job (it belongs in the data pipeline).
+:func:`masked_mean_levels`, :func:`merge_masks`, :func:`area_downsample`) loops over images or
+regions in Python: their op count does not depend on ``B`` or ``N``. Only
+:func:`rasterize_segmentations` walks the regions, because decoding COCO annotations is a
+per-annotation CPU job (it belongs in the data pipeline).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _hard_axis(cover: Tensor, lo: Tensor, hi: Tensor, cells: int, extent: float)
     return torch.maximum(binary, centre_hot)
 
 
-def masked_mean(features: Tensor, masks: Tensor, eps: float = 0.0) -> Tensor:
+def masked_mean(features: Tensor, masks: Tensor, eps: float = 0.0, *, out: Optional[Tensor] = None) -> Tensor:
     """Mask-weighted average of features for every region: ``z_i = sum(M_i * F) / sum(M_i)``.
 
     Eqs. 3-4 fused into one batched matmul, ``(B, N, hw) @ (B, hw, d)``: ``F ⊙ M_i`` is never
@@ -107,9 +108,13 @@ def masked_mean(features: Tensor, masks: Tensor, eps: float = 0.0) -> Tensor:
         eps: mask sums below this count as ``eps``. The default (0) averages exactly under any
             mask whose sum is a normal float (``>= torch.finfo(dtype).tiny``) and gives zeros for
             the rest, i.e. for empty masks.
+        out: optional ``(B, N, d)`` tensor to write the result into, e.g. one level's channel
+            slice of a concatenated output (the normalisation writes it; the matmul itself goes
+            to a contiguous temporary, which batched BLAS needs to run as one call). Not
+            differentiable.
 
     Returns:
-        ``(B, N, d)`` pooled region features, dtype of ``features``.
+        ``(B, N, d)`` pooled region features, dtype of ``features`` (``out`` if given).
     """
     b, h, w, d = features.shape
     weights = masks.reshape(b, masks.shape[1], h * w).to(features.dtype)
@@ -120,9 +125,39 @@ def masked_mean(features: Tensor, masks: Tensor, eps: float = 0.0) -> Tensor:
     else:
         tiny = torch.finfo(weights.dtype).tiny
         scale = (total >= tiny).to(total.dtype) / total.clamp(min=tiny)
+    if out is not None:
+        return torch.mul(pooled, scale, out=out)
     if scale.requires_grad:
         return pooled * scale
     return pooled.mul_(scale)
+
+
+def masked_mean_levels(features: Sequence[Tensor], masks: Sequence[Tensor], eps: float = 0.0) -> Tensor:
+    """:func:`masked_mean` of every feature level, concatenated along channels.
+
+    Outside autograd each level's normalisation writes straight into its channel slice of the
+    result, so only one level's ``(B, N, d_l)`` temporary exists at a time (no concatenation of
+    all levels); when a gradient is needed it is ``torch.cat([masked_mean(f, m) ...], -1)``.
+    Loops over levels only.
+
+    Args:
+        features: per level ``(B, h_l, w_l, d_l)``.
+        masks: per level ``(B, N, h_l, w_l)``.
+        eps: see :func:`masked_mean`.
+
+    Returns:
+        ``(B, N, sum_l d_l)``.
+    """
+    if len(features) != len(masks):
+        raise ValueError(f"masked_mean_levels: {len(features)} feature levels but {len(masks)} mask levels")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*features, *masks)):
+        return torch.cat([masked_mean(f, m, eps) for f, m in zip(features, masks)], dim=-1)
+    b, n = masks[0].shape[:2]
+    dims = [f.shape[-1] for f in features]
+    out = features[0].new_empty(b, n, sum(dims))
+    for f, m, start, d in zip(features, masks, np.cumsum([0, *dims[:-1]]).tolist(), dims):
+        masked_mean(f, m, eps, out=out[..., start:start + d])
+    return out
 
 
 def _cells_by_channels(features: Tensor) -> Tensor:

@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from .optim import warmup_cosine
+
 
 def train_word_tokenizer(texts: Sequence[str]) -> "transformers.PreTrainedTokenizerFast":
     """A word-level tokenizer (lower-case, whitespace and punctuation split) over ``texts``."""
@@ -62,7 +64,7 @@ def build_tiny_lm(
     model = LlamaForCausalLM(config)
     encoded = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    schedule = warmup_cosine(optimizer, warmup_steps=max(1, steps // 10), total_steps=steps)
     model.train()
     bar = tqdm(range(steps), desc="tiny LM pretraining", disable=not progress)
     for _ in bar:

@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from .shards import MANIFEST, encode_sample, shard_writer, write_json_atomic
@@ -221,7 +222,8 @@ def decode_image(data: bytes) -> Image.Image:
         image.load()
         return image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(str(error) or type(error).__name__) from error
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)) or type(error).__name__
+        raise ValueError(reason) from error
 
 
 def stored_image(image: Image.Image, data: bytes, max_side: Optional[int], quality: int) -> tuple[bytes, int, int]:
@@ -249,8 +251,6 @@ def scale_segmentation(segmentation: Any, sx: float, sy: float, width: int, heig
         return segmentation
     if isinstance(segmentation, list):
         return [[_coord(v * (sx if i % 2 == 0 else sy)) for i, v in enumerate(polygon)] for polygon in segmentation]
-    from pycocotools import mask as mask_utils
-
     h, w = segmentation["size"]
     rle = mask_utils.frPyObjects(segmentation, h, w) if isinstance(segmentation["counts"], list) else dict(segmentation)
     if isinstance(rle["counts"], str):
@@ -265,10 +265,11 @@ def scale_segmentation(segmentation: Any, sx: float, sy: float, width: int, heig
 
 
 def _skip_image(log: SkipLog, job: dict, reason: str, message: str) -> None:
-    """Count an image, all its regions and questions as skipped for ``reason``."""
+    """Count an image, all its regions and questions as skipped for ``reason``; returns ``None``."""
     log.add(job["split"], "images", reason, message)
     log.add(job["split"], "regions", reason, message, len(job["regions"]))
     log.add(job["split"], "questions", "region_skipped", message, len(job["questions"]))
+    return None
 
 
 def _find_file(job: dict) -> Optional[tuple[str, str]]:
@@ -308,8 +309,8 @@ def _scaled(region: dict, sx: float, sy: float, width: int, height: int) -> dict
     return {**region, "box": box, "segmentation": scale_segmentation(region.get("segmentation"), sx, sy, width, height)}
 
 
-def convert_image(job: dict, settings: ConvertSettings, log: SkipLog) -> Optional[dict]:
-    """Validate one image job and return its webdataset sample, or ``None`` when it is skipped (counted in ``log``)."""
+def convert_image(job: dict, source: str, settings: ConvertSettings, log: SkipLog) -> Optional[dict]:
+    """Validate one image job of dataset ``source`` and return its webdataset sample, or ``None`` when it is skipped (counted in ``log``)."""
     where = f"{job['source_file']}: image {job['image_id']}"
     found = _find_file(job)
     if found is None:
@@ -334,7 +335,7 @@ def convert_image(job: dict, settings: ConvertSettings, log: SkipLog) -> Optiona
     image_bytes, out_w, out_h = stored_image(image, data, settings.max_side, settings.jpeg_quality)
     sx, sy = out_w / width, out_h / height
     record = {
-        "image_id": job["image_id"], "source": job["source"], "split": job["split"], "file_name": file_name,
+        "image_id": job["image_id"], "source": source, "split": job["split"], "file_name": file_name,
         "width": out_w, "height": out_h, **job.get("extra", {}),
         "regions": [_scaled(r, sx, sy, out_w, out_h) for r in regions],
         "questions": questions,
@@ -366,7 +367,7 @@ def chunk_record_path(split_dir: Path, chunk: int) -> Path:
 def convert_chunk(task: dict) -> dict:
     """Write one chunk's shards (``<split>-<chunk>-NNN.tar``) and its record; returns the record.
 
-    ``task`` holds ``split_dir``, ``split``, ``chunk``, ``digest``, ``settings`` (a
+    ``task`` holds ``source``, ``split_dir``, ``split``, ``chunk``, ``digest``, ``settings`` (a
     :class:`ConvertSettings` as a dict) and the chunk's ``jobs``. Old files of the chunk are
     removed first, so an interrupted chunk is redone from scratch.
     """
@@ -378,7 +379,7 @@ def convert_chunk(task: dict) -> dict:
     totals = Counter()
     try:
         for job in task["jobs"]:
-            sample = convert_image(job, settings, log)
+            sample = convert_image(job, task["source"], settings, log)
             if sample is None:
                 continue
             if writer is None:
@@ -428,7 +429,7 @@ def plan_chunks(source: str, split: str, jobs: list[dict], settings: ConvertSett
     jobs = sorted(jobs, key=lambda j: id_sort_key(j["image_id"]))
     size = max(1, settings.max_count)
     chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
-    return [{"split_dir": str(split_dir), "split": split, "chunk": c, "jobs": chunk, "settings": asdict(settings),
+    return [{"source": source, "split_dir": str(split_dir), "split": split, "chunk": c, "jobs": chunk, "settings": asdict(settings),
              "digest": _digest(source, split, c, settings, chunk)} for c, chunk in enumerate(chunks)]
 
 
@@ -437,8 +438,7 @@ def _remove_stale(split_dir: Path, split: str, num_chunks: int) -> None:
     pattern = _chunk_shard_re(split)
     for path in [p for p in split_dir.iterdir() if pattern.match(p.name) and int(pattern.match(p.name).group(1)) >= num_chunks]:
         path.unlink()
-    records = split_dir / CHUNKS_DIR
-    for path in [p for p in records.glob("*.json") if p.stem.isdigit() and int(p.stem) >= num_chunks] if records.is_dir() else []:
+    for path in [p for p in (split_dir / CHUNKS_DIR).glob("*.json") if p.stem.isdigit() and int(p.stem) >= num_chunks]:
         path.unlink()
 
 
@@ -483,7 +483,7 @@ def write_shard_sets(source: str, jobs_by_split: dict[str, list[dict]], settings
     splits = ordered_splits(jobs_by_split)
     for split in splits:
         (Path(settings.out) / split / CHUNKS_DIR).mkdir(parents=True, exist_ok=True)
-    tasks = [t for split in splits for t in plan_chunks(source, split, [{**j, "source": source} for j in jobs_by_split[split]], settings)]
+    tasks = [t for split in splits for t in plan_chunks(source, split, jobs_by_split[split], settings)]
     reused = {(t["split"], t["chunk"]): _finished_record(Path(t["split_dir"]), t["chunk"], t["digest"]) for t in tasks}
     todo = [t for t in tasks if reused[(t["split"], t["chunk"])] is None]
     fresh = {(r["split"], r["chunk"]): r for r in _run_tasks(todo, settings, source)}
@@ -498,9 +498,8 @@ def _write_manifest(source: str, split: str, tasks: list[dict], records: dict, s
     chunk_records = [records[(split, t["chunk"])] for t in tasks]
     _remove_stale(split_dir, split, len(tasks))
     counts = SkipLog()
-    counts.counts.update({key: Counter(value) for key, value in log.counts.items() if key[0] == split})
-    for record in chunk_records:
-        counts.merge(split, record)
+    for part in [log.for_split(split), *chunk_records]:
+        counts.merge(split, part)
     manifest = {
         "split": split, "source": source,
         **{f"num_{k}": sum(r[f"num_{k}"] for r in chunk_records) for k in ("images", "regions", "sentences", "questions")},

@@ -1,0 +1,71 @@
+"""The benchmarks run (tiny sizes, ``quick`` mode) and give well-formed rows. No timing is asserted."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import ROW_KEYS  # noqa: E402
+from benchmarks import run as runner  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops on a busy 2-core machine: keep the smoke test quick
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_registry_finds_pooling():
+    assert "pooling" in runner.discover()
+
+
+def test_pooling_quick_rows_are_well_formed(one_thread, tmp_path):
+    from benchmarks import bench_pooling
+
+    rows = bench_pooling.run(quick=True)
+    assert len(rows) >= 7
+    for r in rows:
+        assert set(ROW_KEYS) <= set(r), r
+        assert isinstance(r["value"], float) and math.isfinite(r["value"]), r
+        assert isinstance(r["met"], bool) and r["target"] and r["figure"] and r["note"]
+    figures = {r["figure"] for r in rows}
+    assert {"speed-up vs torchvision roi_align", "share of the machine's matmul rate", "our time / floor"} <= figures
+
+    text = runner.report(rows, "python benchmarks/run.py --quick", 1.0)
+    assert "| benchmark | figure | value | target | met | note |" in text
+    assert text.count("\n| pooling |") + text.count("\n| osprey |") == len(rows)
+    assert "nproc" in text and torch.__version__ in text
+
+
+def test_runner_turns_a_broken_benchmark_into_an_unmet_row(monkeypatch):
+    import importlib
+
+    def broken(name):
+        raise RuntimeError("no such thing")
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    (r,) = runner.run_module("missing", quick=True)
+    assert r["met"] is False and "no such thing" in r["note"] and set(ROW_KEYS) <= set(r)
+
+
+def test_baselines_agree_with_ours_on_tiny_inputs():
+    from benchmarks import bench_pooling
+
+    generator = torch.Generator().manual_seed(0)
+    boxes = bench_pooling.random_boxes(generator, 2, 5, 48)
+    features = [torch.randn(2, 6, 6, 4, generator=generator), torch.randn(2, 3, 3, 8, generator=generator)]
+    z, masks = bench_pooling.ours(features, boxes, (48, 48))
+    assert z.shape == (2, 5, 12) and len(masks) == 2
+    torch.testing.assert_close(bench_pooling.loop_crop(features, boxes, (48, 48)), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bench_pooling.loop_mask(features, boxes, (48, 48)), z, atol=1e-5, rtol=1e-5)
+    nchw = [f.permute(0, 3, 1, 2).contiguous() for f in features]
+    assert bench_pooling.osprey_pool(nchw, boxes, (48, 48)).shape == z.shape
