@@ -1,8 +1,25 @@
-"""fineregion-pl: region-level vision-language models (FineRegion-LM) with PyTorch Lightning."""
+"""fineregion-pl: region-level vision-language models (FineRegion-LM) with PyTorch Lightning.
 
-from .data import RegionDataModule
-from .stage1 import Stage1Module
-from .stage2 import Stage2Module
+The top-level names are imported lazily, so light modules (the data converters, the shard
+helpers) do not pay for importing Lightning, timm and transformers.
+"""
 
-__all__ = ["RegionDataModule", "Stage1Module", "Stage2Module"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "RegionDataModule": "fineregion_pl.data.datamodule",
+    "Stage1Module": "fineregion_pl.stage1",
+    "Stage2Module": "fineregion_pl.stage2",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fineregion_pl' has no attribute {name!r}")

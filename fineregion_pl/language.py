@@ -1,9 +1,12 @@
 """The language side: a Hugging Face LM (causal or encoder-decoder) with peft LoRA, driven by soft prompts.
 
 :class:`RegionLanguageModel` builds, for ``R`` regions at once, the sequences
-``[template prefix | region prompt | template suffix | caption]`` in the LM's embedding space,
-and gives the caption loss (eq. 8), per-sequence log-likelihoods (for grounding), a caption
-representation (for eq. 9) and batched generation. It knows nothing of Lightning.
+``[template text | region prompt | template text | ... | target text]`` in the LM's embedding
+space, and gives the text loss (eq. 8), per-sequence log-likelihoods (for grounding), a caption
+representation (for eq. 9) and batched generation. A task is a template: ``caption`` (describe
+one region), ``referring`` (a referring expression for one region) and ``question`` (a spatial
+question about two regions); ``{region}`` marks where a region prompt goes. It knows nothing of
+Lightning.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ class LanguageModelConfig:
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (when installed).
         gradient_checkpointing: recompute LM activations in backward.
         lora: LoRA settings.
-        template: instruction template; ``{region}`` marks where the region prompt goes.
+        caption_template: instruction for captions; ``{region}`` marks where the region prompt goes.
+        referring_template: instruction for referring expressions (grounding scores them).
+        question_template: instruction for spatial questions about two regions (two ``{region}``).
     """
 
     name_or_path: str = "runs/quickstart/tiny-lm"
@@ -51,7 +56,9 @@ class LanguageModelConfig:
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
-    template: str = "describe the region {region} :"
+    caption_template: str = "describe the region {region} :"
+    referring_template: str = "refer to the region {region} :"
+    question_template: str = "where is the region {region} relative to the region {region} ?"
 
 
 def _resolve_dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -113,19 +120,25 @@ class RegionLanguageModel(nn.Module):
 
     def __init__(self, config: LanguageModelConfig):
         super().__init__()
-        if "{region}" not in config.template:
-            raise ValueError(f"template must contain '{{region}}', got {config.template!r}")
         self.config = config
         self.model, self.tokenizer, self.encoder_decoder = load_language_model(config)
-        prefix, suffix = config.template.split("{region}", 1)
-        prefix_ids = self.tokenizer(prefix.strip(), add_special_tokens=False)["input_ids"] if prefix.strip() else []
+        self.templates = {
+            "caption": self._template_ids(config.caption_template, slots=1),
+            "referring": self._template_ids(config.referring_template, slots=1),
+            "question": self._template_ids(config.question_template, slots=2),
+        }
+
+    def _template_ids(self, template: str, slots: int) -> list[list[int]]:
+        """Token ids of the text pieces around the ``{region}`` slots (BOS first for causal LMs)."""
+        pieces = template.split("{region}")
+        if len(pieces) != slots + 1:
+            raise ValueError(f"template {template!r} must contain '{{region}}' exactly {slots} time(s)")
+        ids = [self.tokenizer(p.strip(), add_special_tokens=False)["input_ids"] if p.strip() else [] for p in pieces]
         if not self.encoder_decoder and self.tokenizer.bos_token_id is not None:
-            prefix_ids = [self.tokenizer.bos_token_id] + prefix_ids
-        suffix_ids = self.tokenizer(suffix.strip(), add_special_tokens=False)["input_ids"] if suffix.strip() else []
+            ids[0] = [self.tokenizer.bos_token_id] + ids[0]
         if self.encoder_decoder and self.tokenizer.eos_token_id is not None:
-            suffix_ids = suffix_ids + [self.tokenizer.eos_token_id]
-        self.register_buffer("prefix_ids", torch.tensor(prefix_ids, dtype=torch.long), persistent=False)
-        self.register_buffer("suffix_ids", torch.tensor(suffix_ids, dtype=torch.long), persistent=False)
+            ids[-1] = ids[-1] + [self.tokenizer.eos_token_id]
+        return ids
 
     @property
     def hidden_size(self) -> int:
@@ -139,11 +152,25 @@ class RegionLanguageModel(nn.Module):
     def embed(self, ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(ids)
 
-    def prompt_embeddings(self, prompts: Tensor) -> Tensor:
-        """``(R, p, d)`` soft prompts to ``(R, Lp + p + Ls, d)``: the template around them."""
-        r = prompts.shape[0]
-        parts = [self.embed(self.prefix_ids)[None].expand(r, -1, -1), prompts.to(self.embed(self.prefix_ids).dtype)]
-        parts.append(self.embed(self.suffix_ids)[None].expand(r, -1, -1))
+    def context_embeddings(self, prompts: Tensor | list[Tensor], task: str = "caption") -> Tensor:
+        """Soft prompts placed in a task's template: ``(R, L, d)``, the same ``L`` for every row.
+
+        Args:
+            prompts: ``(R, p, d)`` for one-region tasks, or one such tensor per ``{region}`` slot.
+            task: ``caption``, ``referring`` or ``question``.
+        """
+        prompts = [prompts] if isinstance(prompts, Tensor) else list(prompts)
+        pieces = self.templates[task]
+        if len(prompts) != len(pieces) - 1:
+            raise ValueError(f"the {task} template has {len(pieces) - 1} region slot(s), got {len(prompts)} prompt tensor(s)")
+        weight = self.model.get_input_embeddings().weight
+        rows = prompts[0].shape[0]
+        parts = []
+        for i, ids in enumerate(pieces):
+            if ids:
+                parts.append(self.embed(torch.tensor(ids, device=weight.device))[None].expand(rows, -1, -1))
+            if i < len(prompts):
+                parts.append(prompts[i].to(weight.dtype))
         return torch.cat(parts, dim=1)
 
     def tokenize_targets(self, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -158,15 +185,15 @@ class RegionLanguageModel(nn.Module):
             mask[row, : len(seq)] = True
         return out.to(device), mask.to(device)
 
-    def teacher_forced(self, prompts: Tensor, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """Run the LM on prompts followed by ``texts``.
+    def teacher_forced(self, prompts: Tensor | list[Tensor], texts: list[str], task: str = "caption") -> tuple[Tensor, Tensor, Tensor]:
+        """Run the LM on prompts (in ``task``'s template) followed by ``texts``.
 
         Returns ``(logits, targets, hidden)`` aligned so that ``logits[:, t]`` predicts
         ``targets[:, t]``: ``(R, T, V)``, ``(R, T)`` with ``-100`` on padding, and the last hidden
         states ``(R, T, d)`` at the same positions.
         """
-        context = self.prompt_embeddings(prompts)
-        ids, mask = self.tokenize_targets(texts, prompts.device)
+        context = self.context_embeddings(prompts, task)
+        ids, mask = self.tokenize_targets(texts, context.device)
         targets = ids.masked_fill(~mask, IGNORE)
         if self.encoder_decoder:
             out = self.model(
@@ -183,37 +210,37 @@ class RegionLanguageModel(nn.Module):
         span = slice(start, start + ids.shape[1])
         return out.logits[:, span], targets, out.hidden_states[-1][:, span]
 
-    def caption_loss(self, prompts: Tensor, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """``L_caption`` (eq. 8, averaged over caption tokens) and the caption representation.
+    def text_loss(self, prompts: Tensor | list[Tensor], texts: list[str], task: str = "caption") -> tuple[Tensor, Tensor]:
+        """Cross-entropy on the target tokens only (eq. 8, averaged over tokens) and the text representation.
 
         The representation ``C_i`` (for ``L_consistency``) is the mean of the LM's last hidden
         states over the positions that predict the caption, L2-normalised: the LM head reads
         the caption off exactly these states, it is differentiable, and it costs nothing extra.
         """
-        logits, targets, hidden = self.teacher_forced(prompts, texts)
+        logits, targets, hidden = self.teacher_forced(prompts, texts, task)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         weights = (targets != IGNORE).to(hidden.dtype)[..., None]
         rep = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
         return loss, F.normalize(rep.float(), dim=-1)
 
     @torch.no_grad()
-    def log_likelihood(self, prompts: Tensor, texts: list[str]) -> Tensor:
+    def log_likelihood(self, prompts: Tensor | list[Tensor], texts: list[str], task: str = "referring") -> Tensor:
         """Sum of token log-probabilities of each text (EOS included) given its prompt: ``(R,)``."""
-        logits, targets, _ = self.teacher_forced(prompts, texts)
+        logits, targets, _ = self.teacher_forced(prompts, texts, task)
         logp = logits.float().log_softmax(-1)
         picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
         return (picked * (targets != IGNORE)).sum(-1)
 
     @torch.no_grad()
-    def generate(self, prompts: Tensor, max_new_tokens: int = 16, num_beams: int = 1) -> list[str]:
-        """Greedy (``num_beams=1``) or beam-search captions for ``R`` prompts in one batch.
+    def generate(self, prompts: Tensor | list[Tensor], max_new_tokens: int = 16, num_beams: int = 1, task: str = "caption") -> list[str]:
+        """Greedy (``num_beams=1``) or beam-search texts for ``R`` prompts in one batch.
 
         Every prompt has the same length (template + ``k + 1`` soft tokens), so no prompt is
         padded and a region's caption does not depend on which other regions share its batch.
         """
-        if prompts.shape[0] == 0:
+        context = self.context_embeddings(prompts, task)
+        if context.shape[0] == 0:
             return []
-        context = self.prompt_embeddings(prompts)
         attention = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)
         out = self.model.generate(
             inputs_embeds=context,

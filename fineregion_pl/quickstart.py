@@ -72,9 +72,9 @@ def quickstart(
     """
     from .cli import cli_main
     from .data.shards import MANIFEST
-    from .data.synthetic import SHAPES, corpus, write_synthetic
+    from .data.synthetic import SHAPES, write_synthetic
     from .evaluation.report import results_table, write_results
-    from .tiny_lm import build_tiny_lm
+    from .tiny_lm import build_tiny_lm, synthetic_pretraining_texts
 
     started = time.time()
     root = Path(workdir)
@@ -84,10 +84,7 @@ def quickstart(
         write_synthetic(data, {"train": train_images, "val": val_images, "test": test_images}, seed=seed, shard_size=250)
     lm_dir = root / "tiny-lm"
     if not (lm_dir / "config.json").is_file():
-        texts = corpus(seed, min(train_images, 1000))
-        template = "describe the region :"
-        captions = [t for t in texts if t.startswith("a ")]
-        build_tiny_lm(lm_dir, texts + [f"{template} {c}" for c in captions], steps=lm_steps, seed=seed)
+        build_tiny_lm(lm_dir, synthetic_pretraining_texts(seed, min(train_images, 1000)), steps=lm_steps, seed=seed)
 
     seed_arg = ["--seed_everything", str(seed)]
     stage1 = _stage_config("stage1", root, stage1_steps, {"model.init_args.categories": SHAPES})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,6 +14,7 @@ from torch import Tensor
 from .boxes import box_geometry
 from .checkpoints import load_stage1_weights, read_checkpoint
 from .config_utils import as_config, optional_config, plain_hparams
+from .evaluation.grounding import grounding_outcome
 from .evaluation.test_results import RegionTestCollector
 from .language import LanguageModelConfig, RegionLanguageModel
 from .losses import consistency_loss, mask_loss
@@ -42,6 +44,8 @@ class Stage2Module(L.LightningModule):
         caption_weight: ``λ1``.
         consistency_weight: ``λ2``.
         mask_loss_weight: weight of ``L_mask`` carried over from stage 1 (0 switches it off).
+        referring_weight: weight of the referring-expression loss (trains what grounding scores).
+        spatial_weight: weight of the spatial-question loss (two-region questions, LM answers).
         lr: learning rate of the region prompt.
         lora_lr: learning rate of the LM's trainable weights (default: ``lr``).
         encoder_lr: learning rate of the vision side.
@@ -71,6 +75,8 @@ class Stage2Module(L.LightningModule):
         caption_weight: float = 1.0,
         consistency_weight: float = 0.0,
         mask_loss_weight: float = 0.0,
+        referring_weight: float = 0.0,
+        spatial_weight: float = 0.0,
         lr: float = 1e-3,
         lora_lr: Optional[float] = None,
         encoder_lr: float = 1e-4,
@@ -131,8 +137,11 @@ class Stage2Module(L.LightningModule):
     def losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """All stage-2 losses of a batch (each logged; ``loss`` is the weighted sum)."""
         out, index, prompts = self.encode(batch)
+        if index.shape[0] == 0:  # no usable region in the whole batch: nothing to learn, keep the graph
+            zero = prompts.sum() * 0.0
+            return {"loss": zero, "caption_loss": zero, "consistency_loss": zero}
         texts = [batch["captions"][b][n] for b, n in index.tolist()]
-        caption, rep = self.language.caption_loss(prompts, texts)
+        caption, rep = self.language.text_loss(prompts, texts, "caption")
         reps = rep.new_zeros(*out.region_valid.shape, rep.shape[-1])
         reps[index[:, 0], index[:, 1]] = rep
         consistency = consistency_loss(reps, out.boxes, out.region_valid)
@@ -141,6 +150,17 @@ class Stage2Module(L.LightningModule):
         if self.hparams.mask_loss_weight > 0:
             result["mask_loss"] = mask_loss(out.attn_logits, out.target_masks, out.region_valid)
             total = total + self.hparams.mask_loss_weight * result["mask_loss"]
+        if self.hparams.referring_weight > 0:
+            rows, expressions = referring_targets(batch, index, self.training)
+            if rows:
+                result["referring_loss"], _ = self.language.text_loss(prompts[rows], expressions, "referring")
+                total = total + self.hparams.referring_weight * result["referring_loss"]
+        if self.hparams.spatial_weight > 0:
+            first, second, questions = spatial_pairs(batch, index)
+            if first:
+                answers = [q["answer"] for q in questions]
+                result["spatial_loss"], _ = self.language.text_loss([prompts[first], prompts[second]], answers, "question")
+                total = total + self.hparams.spatial_weight * result["spatial_loss"]
         labelled = out.region_valid & (batch["categories"] >= 0)
         if labelled.any():
             result["acc"] = (out.logits.argmax(-1) == batch["categories"])[labelled].float().mean()
@@ -160,9 +180,12 @@ class Stage2Module(L.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch["images"].shape[0], sync_dist=True, prog_bar=False)
 
     @torch.no_grad()
-    def describe(self, batch: dict[str, Any]) -> list[dict]:
-        """Captions and categories for every valid region of a batch, aligned to region ids."""
-        out, index, prompts = self.encode(batch)
+    def describe(self, batch: dict[str, Any], encoded: Optional[tuple[RegionOutputs, Tensor, Tensor]] = None) -> list[dict]:
+        """Captions and categories for every valid region of a batch, aligned to region ids.
+
+        ``encoded`` is :meth:`encode`'s result when the caller has it already.
+        """
+        out, index, prompts = encoded or self.encode(batch)
         captions: list[str] = []
         step = self.hparams.generation_batch_size
         for start in range(0, prompts.shape[0], step):
@@ -184,9 +207,33 @@ class Stage2Module(L.LightningModule):
             })
         return rows
 
+    @torch.no_grad()
+    def ground(self, batch: dict[str, Any], out: RegionOutputs, index: Tensor, prompts: Tensor) -> list[tuple[float, float]]:
+        """Grounding outcomes of every referring expression in the batch (candidates: its image's regions)."""
+        rows, expressions = referring_targets(batch, index, training=False)
+        outcomes = []
+        image_of = index[:, 0]
+        for row, expression in zip(rows, expressions):
+            candidates = (image_of == image_of[row]).nonzero().flatten()
+            scores = self.language.log_likelihood(prompts[candidates], [expression] * len(candidates), "referring")
+            b, n = index[row].tolist()
+            boxes = out.boxes[image_of[candidates], index[candidates, 1]]
+            outcomes.append(grounding_outcome(scores, boxes, out.boxes[b, n]))
+        return outcomes
+
+    @torch.no_grad()
+    def answer(self, batch: dict[str, Any], index: Tensor, prompts: Tensor) -> list[tuple[str, str]]:
+        """``(predicted, true)`` answers of the batch's spatial questions, generated by the LM."""
+        first, second, questions = spatial_pairs(batch, index)
+        if not first:
+            return []
+        predicted = self.language.generate([prompts[first], prompts[second]], max_new_tokens=4, task="question")
+        return list(zip(predicted, [q["answer"] for q in questions]))
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        rows = self.describe(batch)
-        self.collector.add(batch, rows)
+        out, index, prompts = encoded = self.encode(batch)
+        rows = self.describe(batch, encoded)
+        self.collector.add(batch, rows, grounding=self.ground(batch, out, index, prompts), spatial=self.answer(batch, index, prompts))
 
     def on_test_epoch_start(self) -> None:
         self.collector.reset()
@@ -195,7 +242,7 @@ class Stage2Module(L.LightningModule):
         results = self.collector.compute(self, self.hparams.categories or [], self.hparams.num_classes)
         if results is None:  # not rank 0
             return
-        for section in ("classification", "caption"):
+        for section in ("classification", "caption", "grounding", "spatial"):
             for name, value in results.get(section, {}).items():
                 if isinstance(value, float):
                     self.log(f"test/{section}/{name}", value, rank_zero_only=True)
@@ -233,3 +280,31 @@ class Stage2Module(L.LightningModule):
                 f"checkpoint does not fit this Stage2Module: missing {len(missing)} key(s) {missing[:5]}, "
                 f"unexpected {len(unexpected)} key(s) {unexpected[:5]} (a stage-1 checkpoint goes to `init_from`, not `ckpt_path`)"
             )
+
+
+def referring_targets(batch: dict[str, Any], index: Tensor, training: bool) -> tuple[list[int], list[str]]:
+    """Rows of ``index`` whose region has a referring expression, and that expression
+    (a random one when training, the first otherwise)."""
+    rows, expressions = [], []
+    for row, (b, n) in enumerate(index.tolist()):
+        options = batch["referring"][b][n]
+        if options:
+            rows.append(row)
+            expressions.append(random.choice(options) if training else options[0])
+    return rows, expressions
+
+
+def spatial_pairs(batch: dict[str, Any], index: Tensor) -> tuple[list[int], list[int], list[dict]]:
+    """For each spatial question whose two regions are in the batch: the rows of ``index`` of its
+    first and second region, and the question."""
+    row_of = {(b, n): row for row, (b, n) in enumerate(index.tolist())}
+    first, second, kept = [], [], []
+    for b, questions in enumerate(batch["questions"]):
+        slot = {rid: n for n, rid in enumerate(batch["region_ids"][b])}
+        for q in questions:
+            a, c = (row_of.get((b, slot.get(rid, -1))) for rid in q["regions"][:2])
+            if a is not None and c is not None:
+                first.append(a)
+                second.append(c)
+                kept.append(q)
+    return first, second, kept

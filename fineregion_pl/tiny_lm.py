@@ -85,3 +85,25 @@ def build_tiny_lm(
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def synthetic_pretraining_texts(seed: int = 0, count: int = 1000) -> list[str]:
+    """Text to pretrain the tiny LM on: the benchmark's sentences, and each framed by the default
+    task templates (with the region slots left out), so the LM knows every word it will see."""
+    from .data.synthetic import iter_scenes
+    from .language import LanguageModelConfig
+
+    templates = LanguageModelConfig()
+    frame = {
+        name: " ".join(getattr(templates, f"{name}_template").replace("{region}", " ").split())
+        for name in ("caption", "referring", "question")
+    }
+    texts = []
+    for _, record in iter_scenes(seed, "train", count):
+        for region in record["regions"]:
+            texts += region["captions"] + region["referring"]
+            texts += [f"{frame['caption']} {c}" for c in region["captions"]]
+            texts += [f"{frame['referring']} {r}" for r in region["referring"]]
+        for question in record["questions"]:
+            texts += [question["question"], f"{frame['question']} {question['answer']}"]
+    return texts

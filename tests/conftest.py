@@ -41,13 +41,10 @@ def synthetic_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> Path:
     """A word-level tokenizer and a 1-layer Llama pretrained for a few steps, saved with save_pretrained."""
-    from fineregion_pl.data.synthetic import corpus
-    from fineregion_pl.tiny_lm import build_tiny_lm
+    from fineregion_pl.tiny_lm import build_tiny_lm, synthetic_pretraining_texts
 
     out = tmp_path_factory.mktemp("tiny-lm")
-    texts = corpus(0, 200)
-    texts += [f"describe the region : {t}" for t in texts if t.startswith("a ")]
-    return build_tiny_lm(out, texts, hidden_size=32, num_layers=1, num_heads=2, steps=150, lr=1e-2, progress=False)
+    return build_tiny_lm(out, synthetic_pretraining_texts(0, 200), hidden_size=32, num_layers=1, num_heads=2, steps=150, lr=1e-2, progress=False)
 
 
 def tiny_trainer(tmp_path, max_steps: int, **kwargs):

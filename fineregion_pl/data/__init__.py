@@ -1,6 +1,19 @@
-"""Data: shard writing, the synthetic benchmark, transforms and the streaming DataModule."""
+"""Data: shard writing, the synthetic benchmark, transforms and the streaming DataModule (imported lazily)."""
 
-from .datamodule import RegionDataModule
-from .transforms import RegionSample, collate_regions
+from __future__ import annotations
 
-__all__ = ["RegionDataModule", "RegionSample", "collate_regions"]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "RegionDataModule": "fineregion_pl.data.datamodule",
+    "RegionSample": "fineregion_pl.data.transforms",
+    "collate_regions": "fineregion_pl.data.transforms",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fineregion_pl.data' has no attribute {name!r}")

@@ -1,4 +1,21 @@
-"""Streaming region data: webdataset shards to padded region batches, one sample per image."""
+"""Streaming region data: webdataset shards to padded region batches, one sample per image.
+
+The pipeline, top to bottom (one place, as in open_clip's ``data.py``):
+
+    shard list of each shard set
+      -> this rank's and this worker's shards   (rank and world size given by the Trainer)
+      -> [train] reshuffled every pass, repeated (or resampled with replacement)
+      -> tar samples -> [train] shuffle buffer -> decode -> letterbox + boxes -> max_regions
+      -> [train, several sets] seeded weighted mix
+      -> batches (collate pads regions)
+      -> [train] exactly ``len(stream)`` batches per epoch on every rank
+
+Training runs the same number of steps on every rank (``batches per epoch = images in the
+manifests // (world size * batch size)``), so DDP never waits on a rank that ran out of data.
+Evaluation reads every shard exactly once over all ranks and workers: no sample is seen twice
+and none is missed. Rank and world size come from the Trainer, not from environment variables
+that a spawned worker may not see.
+"""
 
 from __future__ import annotations
 
@@ -19,55 +36,133 @@ def _worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-class RegionShardStream(IterableDataset):
-    """Samples of one or more shard sets, split by rank and by dataloader worker.
+def _samples(shards: list[str], stream: "RegionBatchStream", rng: random.Random) -> Iterator:
+    """Decoded region samples of ``shards`` in order (with a shuffle buffer when training).
 
-    The rank and world size are given explicitly (from the Trainer), so splitting does not
-    depend on environment variables a spawned worker may not see.
+    When training, images without a usable region are dropped (there is nothing to learn from).
+    """
+    if not shards:
+        return iter(())
+    stages = [wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+    if stream.train:
+        stages.append(wds.shuffle(stream.shuffle_buffer, initial=min(100, stream.shuffle_buffer), rng=rng))
+    stages += [
+        wds.decode("pil", handler=wds.warn_and_continue),
+        wds.to_tuple("jpg;png;jpeg", "json", handler=wds.warn_and_continue),
+        wds.map(lambda s: to_region_sample(s[0], s[1], stream.image_size, stream.max_regions, stream.train, rng)),
+    ]
+    if stream.train:
+        stages.append(wds.select(lambda sample: len(sample.region_ids) > 0))
+    return iter(wds.DataPipeline(*stages))
+
+
+def _forever(shards: list[str], stream: "RegionBatchStream", rng: random.Random) -> Iterator:
+    """Training samples of ``shards`` without end: reshuffled every pass, or resampled with replacement."""
+    while True:
+        if stream.resampled:
+            order = rng.choices(shards, k=len(shards))
+        else:
+            order = list(shards)
+            rng.shuffle(order)
+        yield from _samples(order, stream, rng)
+
+
+class RegionBatchStream(IterableDataset):
+    """Batches of region samples from one or more shard sets, split by rank and dataloader worker.
 
     Args:
-        shards: shard paths.
+        shard_sets: per shard set, its shard paths.
+        batch_size: images per batch.
         image_size: side of the letterboxed model input.
         max_regions: regions kept per image.
-        train: shuffle shards (per epoch) and samples (buffer), random region subsets and captions.
+        train: training mode (see the module docstring); otherwise one exact pass.
         rank, world_size: this process's slot among the data-parallel processes.
-        seed: base seed of every shuffle.
-        shuffle_buffer: size of the sample shuffle buffer when training.
+        seed: base seed of every shuffle and mix.
+        shuffle_buffer: sample shuffle buffer when training.
+        weights: sampling weight of each shard set when training (default: by image count).
+        images_per_epoch: images in one training epoch (sets the epoch length).
+        resampled: draw shards with replacement when training (multi-node, many ranks).
     """
 
-    def __init__(self, shards: list[str], image_size: int, max_regions: int, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 500):
+    def __init__(
+        self,
+        shard_sets: list[list[str]],
+        batch_size: int,
+        image_size: int,
+        max_regions: int,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 500,
+        weights: Optional[list[float]] = None,
+        images_per_epoch: int = 0,
+        resampled: bool = False,
+    ):
         super().__init__()
-        self.shards, self.image_size, self.max_regions, self.train = list(shards), image_size, max_regions, train
+        self.shard_sets = [list(s) for s in shard_sets]
+        self.batch_size, self.image_size, self.max_regions, self.train = batch_size, image_size, max_regions, train
         self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
+        self.weights = weights or [float(len(s)) for s in self.shard_sets]
+        self.images_per_epoch, self.resampled = images_per_epoch, resampled
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def my_shards(self) -> list[str]:
-        """The shards this rank and worker read this epoch (a seeded permutation when training)."""
-        shards = list(self.shards)
-        if self.train:
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(shards)
-        worker, workers = _worker_slot()
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (training); an exact pass has no fixed length per rank."""
+        if not self.train:
+            raise TypeError("an evaluation stream has no fixed length per rank")
+        return max(1, self.images_per_epoch // (self.world_size * self.batch_size))
+
+    def _my_share(self, shards: list[str], worker: int, workers: int) -> list[str]:
         slot, slots = self.rank * workers + worker, self.world_size * workers
+        if self.train and len(shards) < slots:  # too few shards: every slot reads all, differently shuffled
+            return list(shards)
         return shards[slot::slots]
 
-    def __iter__(self) -> Iterator:
-        worker, _ = _worker_slot()
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker_slot()
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
-        pipeline = [
-            wds.SimpleShardList(self.my_shards()),
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        ]
-        if self.train:
-            pipeline.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
-        pipeline += [
-            wds.decode("pil", handler=wds.warn_and_continue),
-            wds.to_tuple("jpg;png;jpeg", "json", handler=wds.warn_and_continue),
-            wds.map(lambda s: to_region_sample(s[0], s[1], self.image_size, self.max_regions, self.train, rng)),
-        ]
-        return iter(wds.DataPipeline(*pipeline))
+        if not self.train:
+            samples = _samples([s for shards in self.shard_sets for s in self._my_share(shards, worker, workers)], self, rng)
+            yield from _batches(samples, self.batch_size)
+            return
+        epoch_order = random.Random(f"{self.seed}/{self.epoch}")  # the same on every rank: a common permutation
+        sources, weights = [], []
+        for shards, weight in zip(self.shard_sets, self.weights):
+            shards = list(shards)
+            epoch_order.shuffle(shards)
+            mine = self._my_share(shards, worker, workers)
+            if mine:
+                sources.append(_forever(mine, self, rng))
+                weights.append(weight)
+        total = len(self)
+        count = total // workers + (1 if worker < total % workers else 0)
+        mixed = _mix(sources, weights, rng)
+        for _, batch in zip(range(count), _batches(mixed, self.batch_size)):
+            yield batch
+
+
+def _mix(sources: list[Iterator], weights: list[float], rng: random.Random) -> Iterator:
+    """Seeded weighted interleaving of endless sample iterators."""
+    if len(sources) == 1:
+        yield from sources[0]
+        return
+    while True:
+        yield next(sources[rng.choices(range(len(sources)), weights=weights)[0]])
+
+
+def _batches(samples: Iterator, batch_size: int) -> Iterator[dict]:
+    batch = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield collate_regions(batch)
+            batch = []
+    if batch:
+        yield collate_regions(batch)
 
 
 class EpochDataLoader(DataLoader):
@@ -91,6 +186,7 @@ class RegionDataModule(L.LightningDataModule):
 
     Args:
         data_dirs: shard-set roots, each holding ``<split>/manifest.json`` and its shards.
+        weights: training sampling weight of each shard set (default: proportional to images).
         image_size: side of the square letterboxed model input in pixels.
         batch_size: images per training batch (every region of an image comes along).
         eval_batch_size: images per evaluation batch (default: ``batch_size``).
@@ -98,12 +194,14 @@ class RegionDataModule(L.LightningDataModule):
         max_regions: regions kept per image.
         shuffle_buffer: sample shuffle buffer when training.
         seed: seed of shard and sample shuffles.
-        train_split, val_split, test_split: split folder names.
+        resampled: draw training shards with replacement (for many ranks and nodes).
+        train_split, val_split, test_split, predict_split: split folder names.
     """
 
     def __init__(
         self,
         data_dirs: list[str] = ["runs/quickstart/data"],
+        weights: Optional[list[float]] = None,
         image_size: int = 128,
         batch_size: int = 16,
         eval_batch_size: Optional[int] = None,
@@ -111,13 +209,17 @@ class RegionDataModule(L.LightningDataModule):
         max_regions: int = 32,
         shuffle_buffer: int = 500,
         seed: int = 0,
+        resampled: bool = False,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "test",
+        predict_split: str = "test",
     ):
         super().__init__()
         self.save_hyperparameters()
         self.data_dirs = [str(d) for d in data_dirs]
+        if weights is not None and len(weights) != len(self.data_dirs):
+            raise ValueError(f"data.weights has {len(weights)} entries for {len(self.data_dirs)} data_dirs")
 
     def manifests(self, split: str) -> list[dict]:
         """The manifest of ``split`` in every shard set."""
@@ -132,17 +234,31 @@ class RegionDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        shards = [s for d in self.data_dirs for s in split_shards(Path(d), split)]
-        rank, world = self._rank()
-        stream = RegionShardStream(shards, self.hparams.image_size, self.hparams.max_regions, train, rank, world, self.hparams.seed, self.hparams.shuffle_buffer)
-        batch_size = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
-        workers = min(self.hparams.num_workers, max(1, len(shards) // world))
-        return EpochDataLoader(stream, batch_size=batch_size, collate_fn=collate_regions, num_workers=workers, epoch_source=self._current_epoch)
-
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
         return trainer.current_epoch if trainer is not None else 0
+
+    def stream(self, split: str, train: bool) -> RegionBatchStream:
+        """The batch stream of ``split`` for this process."""
+        manifests = self.manifests(split)
+        shard_sets = [split_shards(Path(d), split, m) for d, m in zip(self.data_dirs, manifests)]
+        if not any(shard_sets):
+            raise ValueError(f"the {split!r} split has no shards in {self.data_dirs} (its manifests list none; see their 'skipped' counts)")
+        keep = [i for i, s in enumerate(shard_sets) if s]
+        weights = [self.hparams.weights[i] for i in keep] if self.hparams.weights else [float(manifests[i]["num_images"]) for i in keep]
+        rank, world = self._rank()
+        batch_size = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
+        return RegionBatchStream(
+            [shard_sets[i] for i in keep], batch_size, self.hparams.image_size, self.hparams.max_regions, train,
+            rank, world, self.hparams.seed, self.hparams.shuffle_buffer, weights,
+            images_per_epoch=sum(int(m["num_images"]) for m in manifests), resampled=self.hparams.resampled,
+        )
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        stream = self.stream(split, train)
+        shards = sum(len(s) for s in stream.shard_sets)
+        workers = self.hparams.num_workers if train else min(self.hparams.num_workers, max(1, shards // stream.world_size))
+        return EpochDataLoader(stream, batch_size=None, num_workers=workers, epoch_source=self._current_epoch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.train_split, train=True)
@@ -154,4 +270,4 @@ class RegionDataModule(L.LightningDataModule):
         return self._loader(self.hparams.test_split, train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.test_split, train=False)
+        return self._loader(self.hparams.predict_split, train=False)

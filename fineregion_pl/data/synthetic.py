@@ -206,13 +206,3 @@ def write_synthetic(
         manifests[split] = manifest
     return manifests
 
-
-def corpus(seed: int = 0, count: int = 2000, split: str = "train") -> list[str]:
-    """Text of the benchmark (captions, referring expressions, questions, answers) to train a tokenizer and LM on."""
-    lines = []
-    for _, record in iter_scenes(seed, split, count):
-        for r in record["regions"]:
-            lines += r["captions"] + r["referring"]
-        for q in record["questions"]:
-            lines += [q["question"], q["answer"]]
-    return lines

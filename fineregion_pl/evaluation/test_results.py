@@ -10,6 +10,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
 from .captions import caption_metrics
+from .grounding import grounding_metrics
 from .classification import category_from_text, classification_metrics
 from .report import results_table, write_results
 
@@ -18,36 +19,42 @@ class RegionTestCollector:
     """Keeps, for each evaluated region, the prediction, the references and the true category."""
 
     def __init__(self) -> None:
-        self.rows: list[dict] = []
+        self.reset()
 
     def reset(self) -> None:
-        self.rows = []
+        self.rows: list[dict] = []
+        self.grounding: list[tuple[float, float]] = []
+        self.spatial: list[tuple[str, str]] = []
 
-    def add(self, batch: dict[str, Any], predictions: list[dict]) -> None:
-        """Attach references and true categories of ``batch`` to its prediction rows."""
+    def add(self, batch: dict[str, Any], predictions: list[dict], grounding: list[tuple[float, float]] = (), spatial: list[tuple[str, str]] = ()) -> None:
+        """Attach references and true categories of ``batch`` to its prediction rows; keep the
+        batch's grounding outcomes and ``(predicted, true)`` spatial answers."""
+        self.grounding += list(grounding)
+        self.spatial += list(spatial)
         slot = {(img, rid): (b, n) for b, (img, ids) in enumerate(zip(batch["image_ids"], batch["region_ids"])) for n, rid in enumerate(ids)}
         for row in predictions:
             b, n = slot[(row["image_id"], row["region_id"])]
             self.rows.append({**row, "references": batch["references"][b][n], "target": int(batch["categories"][b, n])})
 
-    def gather(self) -> Optional[list[dict]]:
-        """All ranks' rows on rank 0 (``None`` elsewhere), deduplicated by (image, region)."""
-        rows = self.rows
+    def gather(self) -> bool:
+        """Bring all ranks' rows to rank 0; returns whether this is rank 0."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             everything: list = [None] * dist.get_world_size()
-            dist.all_gather_object(everything, rows)
+            dist.all_gather_object(everything, (self.rows, self.grounding, self.spatial))
             if dist.get_rank() != 0:
-                return None
-            rows = [r for part in everything for r in part]
-        unique = {(str(r["image_id"]), str(r["region_id"])): r for r in rows}
-        return [unique[k] for k in sorted(unique)]
+                return False
+            self.rows = [r for rows, _, _ in everything for r in rows]
+            self.grounding = [g for _, grounding, _ in everything for g in grounding]
+            self.spatial = [s for _, _, spatial in everything for s in spatial]
+        unique = {(str(r["image_id"]), str(r["region_id"])): r for r in self.rows}
+        self.rows = [unique[k] for k in sorted(unique)]
+        return True
 
     def compute(self, module: Any, categories: list[str], num_classes: int) -> Optional[dict]:
-        """Caption and classification metrics over all collected regions (rank 0 only)."""
-        rows = self.gather()
-        if rows is None:
+        """Caption, classification, grounding and spatial metrics over everything collected (rank 0 only)."""
+        if not self.gather():
             return None
-        self.rows = rows
+        rows = self.rows
         keys = [(r["image_id"], r["region_id"]) for r in rows]
         caption = caption_metrics({k: r["caption"] for k, r in zip(keys, rows)}, {k: r["references"] for k, r in zip(keys, rows)})
         targets = [r["target"] for r in rows]
@@ -64,6 +71,11 @@ class RegionTestCollector:
                 "regions": head["count"],
             },
             "caption": caption,
+            "grounding": grounding_metrics(self.grounding),
+            "spatial": {
+                "accuracy": sum(p.strip().lower() == t.strip().lower() for p, t in self.spatial) / max(1, len(self.spatial)),
+                "questions": len(self.spatial),
+            },
         }
 
     def write(self, results: dict, out_dir: Path) -> None:

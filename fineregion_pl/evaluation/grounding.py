@@ -1,0 +1,37 @@
+"""Referring expression comprehension: pick the candidate region whose prompt makes the expression most likely.
+
+As in the generation-comprehension approach of the original RefCOCOg work (Mao et al., 2016): for
+an expression ``e`` and the candidate regions ``c`` of its image, the prediction is
+``argmax_c log p(e | region c)``. Ties share the credit: when ``k`` candidates tie for the best
+score, each counts ``1/k`` (so the result never depends on the candidates' order).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..boxes import box_iou
+
+
+def grounding_outcome(scores: Tensor, candidate_boxes: Tensor, target_box: Tensor, atol: float = 1e-6) -> tuple[float, float]:
+    """``(hit@0.5, IoU)`` of one expression, averaged over tied best candidates.
+
+    Args:
+        scores: ``(C,)`` log-likelihood of the expression for each candidate.
+        candidate_boxes: ``(C, 4)`` xyxy.
+        target_box: ``(4,)`` the referred region's box.
+    """
+    best = scores.max()
+    tied = (scores >= best - atol).nonzero().flatten()
+    ious = box_iou(candidate_boxes[tied].float(), target_box.float().expand(len(tied), 4))
+    return float((ious >= 0.5).float().mean()), float(ious.mean())
+
+
+def grounding_metrics(outcomes: list[tuple[float, float]]) -> dict[str, float]:
+    """``acc@0.5`` and ``mIoU`` over expressions' outcomes from :func:`grounding_outcome`."""
+    if not outcomes:
+        return {"acc@0.5": 0.0, "mIoU": 0.0, "expressions": 0}
+    hits = torch.tensor([h for h, _ in outcomes])
+    ious = torch.tensor([i for _, i in outcomes])
+    return {"acc@0.5": float(hits.mean()), "mIoU": float(ious.mean()), "expressions": len(outcomes)}
