@@ -21,6 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+import torch  # noqa: E402
+
 from benchmarks import ROW_KEYS, machine, row  # noqa: E402
 
 
@@ -84,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=sorted(available), help="run only these (bench_NAME.py)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds: checks the benchmarks run, figures mean nothing")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default, as the targets assume)")
     parser.add_argument("--out", type=Path, default=HERE / "results.md", help="where to write the table (default: %(default)s)")
     args = parser.parse_args(argv)
     names = args.only or list(available)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     command = "python benchmarks/run.py" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:] if argv is None else argv))
     start = time.perf_counter()
     rows: list[dict] = []

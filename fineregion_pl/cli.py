@@ -44,6 +44,11 @@ class FineRegionCLI(LightningCLI):
         )
 
 
+    def add_arguments_to_parser(self, parser) -> None:
+        # the category head follows the data: its size and names come from the shard manifests
+        parser.link_arguments("data", "model.init_args.num_classes", compute_fn=_num_categories, apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.categories", compute_fn=_category_names, apply_on="instantiate")
+
     def _parse_ckpt_path(self) -> None:
         """Take the model's hyper-parameters from ``--ckpt_path`` only when no model config is given.
 
@@ -56,6 +61,14 @@ class FineRegionCLI(LightningCLI):
         if subcommand and self.config[subcommand].get("model") is not None:
             return
         super()._parse_ckpt_path()
+
+
+def _num_categories(data) -> int:
+    return len(data.categories)
+
+
+def _category_names(data) -> list[str]:
+    return list(data.categories)
 
 
 def cli_main(args: Optional[list[str]] = None) -> FineRegionCLI:

@@ -72,7 +72,7 @@ def quickstart(
     """
     from .cli import cli_main
     from .data.shards import MANIFEST
-    from .data.synthetic import SHAPES, write_synthetic
+    from .data.synthetic import write_synthetic
     from .evaluation.report import results_table, write_results
     from .tiny_lm import build_tiny_lm, synthetic_pretraining_texts
 
@@ -87,7 +87,7 @@ def quickstart(
         build_tiny_lm(lm_dir, synthetic_pretraining_texts(seed, min(train_images, 1000)), steps=lm_steps, seed=seed)
 
     seed_arg = ["--seed_everything", str(seed)]
-    stage1 = _stage_config("stage1", root, stage1_steps, {"model.init_args.categories": SHAPES})
+    stage1 = _stage_config("stage1", root, stage1_steps, {})
     cli_main(["fit", "--config", str(stage1)] + seed_arg)
     stage1_ckpt = root / "stage1" / "checkpoints" / "last.ckpt"
 

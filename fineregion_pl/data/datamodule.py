@@ -19,6 +19,7 @@ that a spawned worker may not see.
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 from typing import Iterator, Optional
@@ -36,7 +37,7 @@ def _worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _samples(shards: list[str], stream: "RegionBatchStream", rng: random.Random) -> Iterator:
+def _samples(shards: list[str], stream: "RegionBatchStream", rng: random.Random, category_map: Optional[list[int]] = None) -> Iterator:
     """Decoded region samples of ``shards`` in order (with a shuffle buffer when training).
 
     When training, images without a usable region are dropped (there is nothing to learn from).
@@ -49,14 +50,14 @@ def _samples(shards: list[str], stream: "RegionBatchStream", rng: random.Random)
     stages += [
         wds.decode("pil", handler=wds.warn_and_continue),
         wds.to_tuple("jpg;png;jpeg", "json", handler=wds.warn_and_continue),
-        wds.map(lambda s: to_region_sample(s[0], s[1], stream.image_size, stream.max_regions, stream.train, rng)),
+        wds.map(lambda s: to_region_sample(s[0], s[1], stream.image_size, stream.max_regions, stream.train, rng, category_map)),
     ]
     if stream.train:
         stages.append(wds.select(lambda sample: len(sample.region_ids) > 0))
     return iter(wds.DataPipeline(*stages))
 
 
-def _forever(shards: list[str], stream: "RegionBatchStream", rng: random.Random) -> Iterator:
+def _forever(shards: list[str], stream: "RegionBatchStream", rng: random.Random, category_map: Optional[list[int]] = None) -> Iterator:
     """Training samples of ``shards`` without end: reshuffled every pass, or resampled with replacement."""
     while True:
         if stream.resampled:
@@ -64,7 +65,7 @@ def _forever(shards: list[str], stream: "RegionBatchStream", rng: random.Random)
         else:
             order = list(shards)
             rng.shuffle(order)
-        yield from _samples(order, stream, rng)
+        yield from _samples(order, stream, rng, category_map)
 
 
 class RegionBatchStream(IterableDataset):
@@ -82,6 +83,7 @@ class RegionBatchStream(IterableDataset):
         weights: sampling weight of each shard set when training (default: by image count).
         images_per_epoch: images in one training epoch (sets the epoch length).
         resampled: draw shards with replacement when training (multi-node, many ranks).
+        category_maps: per shard set, its ``category_id`` -> joint category index.
     """
 
     def __init__(
@@ -98,8 +100,10 @@ class RegionBatchStream(IterableDataset):
         weights: Optional[list[float]] = None,
         images_per_epoch: int = 0,
         resampled: bool = False,
+        category_maps: Optional[list[Optional[list[int]]]] = None,
     ):
         super().__init__()
+        self.category_maps = category_maps or [None] * len(shard_sets)
         self.shard_sets = [list(s) for s in shard_sets]
         self.batch_size, self.image_size, self.max_regions, self.train = batch_size, image_size, max_regions, train
         self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
@@ -126,17 +130,17 @@ class RegionBatchStream(IterableDataset):
         worker, workers = _worker_slot()
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
         if not self.train:
-            samples = _samples([s for shards in self.shard_sets for s in self._my_share(shards, worker, workers)], self, rng)
-            yield from _batches(samples, self.batch_size)
+            parts = [_samples(self._my_share(shards, worker, workers), self, rng, cmap) for shards, cmap in zip(self.shard_sets, self.category_maps)]
+            yield from _batches(itertools.chain(*parts), self.batch_size)
             return
         epoch_order = random.Random(f"{self.seed}/{self.epoch}")  # the same on every rank: a common permutation
         sources, weights = [], []
-        for shards, weight in zip(self.shard_sets, self.weights):
+        for shards, weight, cmap in zip(self.shard_sets, self.weights, self.category_maps):
             shards = list(shards)
             epoch_order.shuffle(shards)
             mine = self._my_share(shards, worker, workers)
             if mine:
-                sources.append(_forever(mine, self, rng))
+                sources.append(_forever(mine, self, rng, cmap))
                 weights.append(weight)
         total = len(self)
         count = total // workers + (1 if worker < total % workers else 0)
@@ -227,8 +231,21 @@ class RegionDataModule(L.LightningDataModule):
 
     @property
     def categories(self) -> list[str]:
-        """Category names of the first shard set (index = ``category_id``)."""
-        return self.manifests(self.hparams.train_split)[0].get("categories", [])
+        """The joint category list of all shard sets: the first set's names in order, then each
+        later set's new names (a name shared by two sets is one category)."""
+        return joint_categories([m.get("categories", []) for m in self._category_manifests()])[0]
+
+    def _category_manifests(self) -> list[dict]:
+        """One manifest per shard set to read categories from (the first split that exists)."""
+        out = []
+        for d in self.data_dirs:
+            for split in (self.hparams.train_split, self.hparams.val_split, self.hparams.test_split, self.hparams.predict_split):
+                if (Path(d) / split / "manifest.json").is_file():
+                    out.append(read_manifest(Path(d) / split))
+                    break
+            else:
+                out.append(read_manifest(Path(d) / self.hparams.train_split))  # raises the clear error
+        return out
 
     def _rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -246,12 +263,14 @@ class RegionDataModule(L.LightningDataModule):
             raise ValueError(f"the {split!r} split has no shards in {self.data_dirs} (its manifests list none; see their 'skipped' counts)")
         keep = [i for i, s in enumerate(shard_sets) if s]
         weights = [self.hparams.weights[i] for i in keep] if self.hparams.weights else [float(manifests[i]["num_images"]) for i in keep]
+        _, maps = joint_categories([m.get("categories", []) for m in self._category_manifests()])
         rank, world = self._rank()
         batch_size = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
         return RegionBatchStream(
             [shard_sets[i] for i in keep], batch_size, self.hparams.image_size, self.hparams.max_regions, train,
             rank, world, self.hparams.seed, self.hparams.shuffle_buffer, weights,
             images_per_epoch=sum(int(m["num_images"]) for m in manifests), resampled=self.hparams.resampled,
+            category_maps=[maps[i] for i in keep],
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
@@ -271,3 +290,19 @@ class RegionDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.predict_split, train=False)
+
+
+def joint_categories(lists: list[list[str]]) -> tuple[list[str], list[list[int]]]:
+    """Merge category lists: the joint list and, per input list, each local index's joint index."""
+    joint: list[str] = []
+    index: dict[str, int] = {}
+    maps = []
+    for names in lists:
+        local = []
+        for name in names:
+            if name not in index:
+                index[name] = len(joint)
+                joint.append(name)
+            local.append(index[name])
+        maps.append(local)
+    return joint, maps

@@ -52,11 +52,20 @@ def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, float]:
     return torch.from_numpy(canvas).permute(2, 0, 1).contiguous(), scale
 
 
-def to_region_sample(image: Image.Image, record: dict, image_size: int, max_regions: int, train: bool, rng: Optional[random.Random] = None) -> RegionSample:
+def to_region_sample(
+    image: Image.Image,
+    record: dict,
+    image_size: int,
+    max_regions: int,
+    train: bool,
+    rng: Optional[random.Random] = None,
+    category_map: Optional[list[int]] = None,
+) -> RegionSample:
     """Turn a decoded shard sample (PIL image, JSON record) into a :class:`RegionSample`.
 
     At most ``max_regions`` regions are kept: a random subset when training, the first ones
     otherwise. When training, each region's caption is drawn at random from its captions.
+    ``category_map`` maps the shard set's ``category_id`` to the DataModule's joint category list.
     """
     rng = rng or random
     regions = [r for r in record.get("regions", []) if r.get("captions")]
@@ -64,7 +73,10 @@ def to_region_sample(image: Image.Image, record: dict, image_size: int, max_regi
         regions = rng.sample(regions, max_regions) if train else regions[:max_regions]
     tensor, scale = letterbox(image, image_size)
     boxes = torch.tensor([r["box"] for r in regions], dtype=torch.float32).reshape(-1, 4) * scale
-    categories = torch.tensor([r.get("category_id") if r.get("category_id") is not None else -1 for r in regions], dtype=torch.long)
+    ids = [r.get("category_id") if r.get("category_id") is not None else -1 for r in regions]
+    if category_map is not None:
+        ids = [category_map[i] if 0 <= i < len(category_map) else -1 for i in ids]
+    categories = torch.tensor(ids, dtype=torch.long)
     captions = [rng.choice(r["captions"]) if train else r["captions"][0] for r in regions]
     return RegionSample(
         image=tensor,
