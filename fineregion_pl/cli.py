@@ -20,10 +20,12 @@ LIGHTNING_VERBS = {
 
 
 def _plain_verbs() -> dict[str, tuple[Callable, str]]:
+    from .export import export
     from .quickstart import quickstart
 
     return {
         "quickstart": (quickstart, "the whole pipeline on the built-in synthetic benchmark, on the CPU"),
+        "export": (export, "a stage-2 checkpoint as a LoRA adapter, a merged HF model and the vision weights"),
     }
 
 

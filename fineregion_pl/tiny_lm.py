@@ -30,6 +30,30 @@ def train_word_tokenizer(texts: Sequence[str]) -> "transformers.PreTrainedTokeni
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]")
 
 
+def tiny_model(family: str, tokenizer, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4):
+    """A randomly initialised tiny LM of a family: ``llama`` (Llama/Qwen-style), ``gpt2`` or ``t5``."""
+    import transformers
+
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vocab = len(tokenizer)
+    if family == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+            num_attention_heads=num_heads, num_key_value_heads=num_heads, max_position_embeddings=128, tie_word_embeddings=True, **special,
+        )
+        return transformers.LlamaForCausalLM(config)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=128, **special)
+        return transformers.GPT2LMHeadModel(config)
+    if family == "t5":
+        config = transformers.T5Config(
+            vocab_size=vocab, d_model=hidden_size, d_kv=hidden_size // num_heads, d_ff=2 * hidden_size, num_layers=num_layers,
+            num_heads=num_heads, decoder_start_token_id=tokenizer.pad_token_id, **special,
+        )
+        return transformers.T5ForConditionalGeneration(config)
+    raise ValueError(f"unknown tiny LM family {family!r}: use llama, gpt2 or t5")
+
+
 def build_tiny_lm(
     out_dir: Path,
     texts: Sequence[str],
@@ -41,32 +65,26 @@ def build_tiny_lm(
     lr: float = 3e-3,
     seed: int = 0,
     progress: bool = True,
+    family: str = "llama",
 ) -> Path:
-    """Train a tokenizer and pretrain a tiny Llama on ``texts``; save both to ``out_dir``."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    """Train a tokenizer and pretrain a tiny LM on ``texts``; save both to ``out_dir``.
+
+    Causal families learn the texts as a language model; ``t5`` learns to write each text from
+    an empty encoder input (its decoder becomes the language model).
+    """
+    from transformers import GenerationConfig
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = train_word_tokenizer(texts)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    encoded = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    model = tiny_model(family, tokenizer, hidden_size, num_layers, num_heads)
+    encoder_decoder = model.config.is_encoder_decoder
+    bos = [] if encoder_decoder else [tokenizer.bos_token_id]
+    encoded = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = warmup_cosine(optimizer, warmup_steps=max(1, steps // 10), total_steps=steps)
     model.train()
-    bar = tqdm(range(steps), desc="tiny LM pretraining", disable=not progress)
+    bar = tqdm(range(steps), desc=f"tiny {family} pretraining", disable=not progress)
     for _ in bar:
         batch = rng.sample(encoded, min(batch_size, len(encoded)))
         length = max(len(s) for s in batch)
@@ -74,13 +92,20 @@ def build_tiny_lm(
         for row, seq in enumerate(batch):
             ids[row, : len(seq)] = torch.tensor(seq)
         labels = ids.masked_fill(ids == tokenizer.pad_token_id, -100)
-        loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
+        if encoder_decoder:
+            source = torch.full((len(batch), 1), tokenizer.eos_token_id)
+            loss = model(input_ids=source, labels=labels).loss
+        else:
+            loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id if encoder_decoder else None,
+    )
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
