@@ -104,8 +104,12 @@ class Stage2Module(L.LightningModule):
         self.vision = RegionVisionModel(encoder, num_classes, stage1_hparams.get("head_hidden", 256), stage1_hparams.get("attn_dim", 64))
         if stage1 is not None:
             load_stage1_weights(self.vision, stage1, init_from)
+        # stage 2 does not train the category head (it reports stage 1's classification), nor the
+        # attention map unless L_mask is on; frozen, they are also no "unused parameters" for DDP
+        self.vision.head.requires_grad_(False)
+        self.vision.attention.requires_grad_(mask_loss_weight > 0)
         if freeze_encoder:
-            self.vision.requires_grad_(False)
+            self.vision.encoder.requires_grad_(False)
         self.language = RegionLanguageModel(as_config(LanguageModelConfig, language_model))
         self.prompt = RegionPrompt(
             self.vision.out_dim, self.language.hidden_size, prompt_tokens, prompt_mode, prompt_hidden, self.language.embedding_rms()
