@@ -72,6 +72,10 @@ def report(rows: list[dict], command: str, seconds: float) -> str:
         f"load average at the end (1/5/15 min): {load}",
         f"- command: `{command}` ({seconds:.0f} s)",
         f"- targets met: {met} of {len(rows)}",
+        *([f"- **warning**: load average {m['load'][0]:.1f} exceeds the {m['nproc']} CPUs while {m['threads']} torch threads ran: "
+           "other jobs held the cores, and ops with several threads wait for a descheduled thread at every parallel "
+           "region, so multi-threaded figures are distorted (see benchmarks/README.md); rerun on a quiet machine"]
+          if m["load"] and m["threads"] > 1 and m["load"][0] > m["nproc"] else []),
         "",
         "Every value is a ratio of two things measured in the same run (interleaved rounds, median of the",
         "per-round ratios), so it says more than the raw times on a shared machine. See benchmarks/README.md.",

@@ -47,6 +47,10 @@ class FineRegionCLI(LightningCLI):
 
 
     def add_arguments_to_parser(self, parser) -> None:
+        from .prediction_writer import RegionPredictionWriter
+
+        # `predict` writes JSONL (and pictures with --writer.draw true) through this callback
+        parser.add_lightning_class_args(RegionPredictionWriter, "writer")
         # the category head follows the data: its size and names come from the shard manifests
         parser.link_arguments("data", "model.init_args.num_classes", compute_fn=_num_categories, apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.categories", compute_fn=_category_names, apply_on="instantiate")

@@ -28,6 +28,7 @@ import lightning as L
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .image_folder import BadInputError, ImageBoxesDataset
 from .shards import read_manifest, split_shards
 from .transforms import collate_regions, to_region_sample
 
@@ -200,6 +201,8 @@ class RegionDataModule(L.LightningDataModule):
         seed: seed of shard and sample shuffles.
         resampled: draw training shards with replacement (for many ranks and nodes).
         train_split, val_split, test_split, predict_split: split folder names.
+        predict_images: a folder of images to predict on (with ``predict_boxes``) instead of a split.
+        predict_boxes: JSON/JSONL boxes per image of ``predict_images`` (see ``data/image_folder.py``).
     """
 
     def __init__(
@@ -218,6 +221,8 @@ class RegionDataModule(L.LightningDataModule):
         val_split: str = "val",
         test_split: str = "test",
         predict_split: str = "test",
+        predict_images: Optional[str] = None,
+        predict_boxes: Optional[str] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -289,6 +294,12 @@ class RegionDataModule(L.LightningDataModule):
         return self._loader(self.hparams.test_split, train=False)
 
     def predict_dataloader(self) -> DataLoader:
+        if self.hparams.predict_boxes or self.hparams.predict_images:
+            if not (self.hparams.predict_boxes and self.hparams.predict_images):
+                raise BadInputError("give both data.predict_images (a folder) and data.predict_boxes (a JSON/JSONL file)")
+            dataset = ImageBoxesDataset(self.hparams.predict_images, self.hparams.predict_boxes, self.hparams.image_size)
+            batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+            return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_regions, num_workers=self.hparams.num_workers)
         return self._loader(self.hparams.predict_split, train=False)
 
 

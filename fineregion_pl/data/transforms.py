@@ -64,11 +64,13 @@ def to_region_sample(
     """Turn a decoded shard sample (PIL image, JSON record) into a :class:`RegionSample`.
 
     At most ``max_regions`` regions are kept: a random subset when training, the first ones
-    otherwise. When training, each region's caption is drawn at random from its captions.
+    otherwise. When training, only regions with a caption are kept, and each region's caption
+    is drawn at random from its captions; otherwise every region is kept (its caption is the
+    first reference, or empty when it has none, as in prediction).
     ``category_map`` maps the shard set's ``category_id`` to the DataModule's joint category list.
     """
     rng = rng or random
-    regions = [r for r in record.get("regions", []) if r.get("captions")]
+    regions = [r for r in record.get("regions", []) if r.get("captions") or not train]
     if len(regions) > max_regions:
         regions = rng.sample(regions, max_regions) if train else regions[:max_regions]
     tensor, scale = letterbox(image, image_size)
@@ -77,13 +79,13 @@ def to_region_sample(
     if category_map is not None:
         ids = [category_map[i] if 0 <= i < len(category_map) else -1 for i in ids]
     categories = torch.tensor(ids, dtype=torch.long)
-    captions = [rng.choice(r["captions"]) if train else r["captions"][0] for r in regions]
+    captions = [rng.choice(r["captions"]) if train else (r.get("captions") or [""])[0] for r in regions]
     return RegionSample(
         image=tensor,
         boxes=boxes,
         categories=categories,
         captions=captions,
-        references=[list(r["captions"]) for r in regions],
+        references=[list(r.get("captions", [])) for r in regions],
         region_ids=[r["id"] for r in regions],
         referring=[list(r.get("referring", [])) for r in regions],
         questions=list(record.get("questions", [])),

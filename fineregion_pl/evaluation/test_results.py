@@ -55,13 +55,14 @@ class RegionTestCollector:
         if not self.gather():
             return None
         rows = self.rows
-        keys = [(r["image_id"], r["region_id"]) for r in rows]
-        caption = caption_metrics({k: r["caption"] for k, r in zip(keys, rows)}, {k: r["references"] for k, r in zip(keys, rows)})
+        scored = [r for r in rows if r["references"]]  # captions of regions without references are not scored
+        keys = [(r["image_id"], r["region_id"]) for r in scored]
+        caption = caption_metrics({k: r["caption"] for k, r in zip(keys, scored)}, {k: r["references"] for k, r in zip(keys, scored)})
         targets = [r["target"] for r in rows]
         head = classification_metrics([r["category_id"] for r in rows], targets, num_classes)
         text = classification_metrics([category_from_text(r["caption"], categories) for r in rows], targets, num_classes)
-        exact = sum(r["caption"].strip().lower() in [x.strip().lower() for x in r["references"]] for r in rows)
-        caption.update(exact_match=exact / max(1, len(rows)), regions=len(rows))
+        exact = sum(r["caption"].strip().lower() in [x.strip().lower() for x in r["references"]] for r in scored)
+        caption.update(exact_match=exact / max(1, len(scored)), regions=len(scored))
         return {
             "classification": {
                 "accuracy": head["accuracy"],
