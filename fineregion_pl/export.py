@@ -23,11 +23,9 @@ VISION_WEIGHTS = "vision.safetensors"
 
 def export_config(module: Any) -> dict:
     """The hyper-parameters an export needs, as plain JSON."""
-    keys = ("encoder", "num_classes", "categories", "prompt_mode", "prompt_tokens", "prompt_hidden", "masking", "max_new_tokens", "num_beams")
+    keys = ("encoder", "num_classes", "categories", "head_hidden", "attn_dim", "prompt_mode", "prompt_tokens", "prompt_hidden", "masking", "max_new_tokens", "num_beams")
     config = {k: module.hparams[k] for k in keys}
     config["language_model"] = dict(module.hparams.language_model)
-    config["head_hidden"] = module.vision.head[1].out_features
-    config["attn_dim"] = module.vision.attention.query.out_features
     config["encoder_decoder"] = module.language.encoder_decoder
     return config
 

@@ -35,6 +35,7 @@ class Stage2Module(L.LightningModule):
         encoder: the backbone (default: from ``init_from``).
         num_classes: region categories (default: from ``init_from``).
         categories: category names, index = ``category_id`` (default: from ``init_from``).
+        head_hidden, attn_dim: sizes of the stage-1 head and attention (default: from ``init_from``).
         masking: region pooling: ``dynamic``, ``hard`` or ``none``.
         dynamic: training-time perturbations of ``dynamic`` masking.
         prompt_mode: ``adaptive`` (the method) or ``static`` (the "no adaptive prompts" ablation).
@@ -66,6 +67,8 @@ class Stage2Module(L.LightningModule):
         encoder: Optional[EncoderConfig] = None,
         num_classes: Optional[int] = None,
         categories: Optional[list[str]] = None,
+        head_hidden: Optional[int] = None,
+        attn_dim: Optional[int] = None,
         masking: MaskingMode = "dynamic",
         dynamic: DynamicMasking = DynamicMasking(),
         prompt_mode: PromptMode = "adaptive",
@@ -98,10 +101,14 @@ class Stage2Module(L.LightningModule):
         num_classes = num_classes or stage1_hparams.get("num_classes")
         if not num_classes:
             raise ValueError("Stage2Module needs `num_classes` or `init_from` (a stage-1 checkpoint to take it from)")
-        self.hparams.update(encoder=encoder, num_classes=num_classes, categories=categories or stage1_hparams.get("categories"))
+        head_hidden = head_hidden or stage1_hparams.get("head_hidden", 256)
+        attn_dim = attn_dim or stage1_hparams.get("attn_dim", 64)
+        self.hparams.update(
+            encoder=encoder, num_classes=num_classes, categories=categories or stage1_hparams.get("categories"), head_hidden=head_hidden, attn_dim=attn_dim
+        )
         plain_hparams(self.hparams)
         self.dynamic = as_config(DynamicMasking, dynamic)
-        self.vision = RegionVisionModel(encoder, num_classes, stage1_hparams.get("head_hidden", 256), stage1_hparams.get("attn_dim", 64))
+        self.vision = RegionVisionModel(encoder, num_classes, head_hidden, attn_dim)
         if stage1 is not None:
             load_stage1_weights(self.vision, stage1, init_from)
         # stage 2 does not train the category head (it reports stage 1's classification), nor the
@@ -115,8 +122,6 @@ class Stage2Module(L.LightningModule):
             self.vision.out_dim, self.language.hidden_size, prompt_tokens, prompt_mode, prompt_hidden, self.language.embedding_rms()
         )
         self.collector = RegionTestCollector()
-        # frozen LM weights are not saved in checkpoints (see on_save_checkpoint)
-        self.strict_loading = False
 
     # ------------------------------------------------------------------ forward pieces
     def encode(self, batch: dict[str, Any]) -> tuple[RegionOutputs, Tensor, Tensor]:
@@ -276,14 +281,18 @@ class Stage2Module(L.LightningModule):
         checkpoint["frozen_lm_from"] = self.hparams.language_model["name_or_path"]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        expected = set(self.state_dict()) - self.frozen_lm_keys()
-        missing = sorted(expected - set(checkpoint["state_dict"]))
-        unexpected = sorted(set(checkpoint["state_dict"]) - set(self.state_dict()))
+        """Check the checkpoint fits, then fill in the frozen LM weights (loaded from the base LM)."""
+        own = self.state_dict()
+        frozen = self.frozen_lm_keys()
+        missing = sorted(set(own) - frozen - set(checkpoint["state_dict"]))
+        unexpected = sorted(set(checkpoint["state_dict"]) - set(own))
         if missing or unexpected:
             raise RuntimeError(
                 f"checkpoint does not fit this Stage2Module: missing {len(missing)} key(s) {missing[:5]}, "
                 f"unexpected {len(unexpected)} key(s) {unexpected[:5]} (a stage-1 checkpoint goes to `init_from`, not `ckpt_path`)"
             )
+        for key in frozen - set(checkpoint["state_dict"]):
+            checkpoint["state_dict"][key] = own[key]
 
 
 def referring_targets(batch: dict[str, Any], index: Tensor, training: bool) -> tuple[list[int], list[str]]:

@@ -110,6 +110,14 @@ class RegionEncoder(nn.Module):
             self.backbone.set_grad_checkpointing(True)
         self.freeze_stages(freeze_stages)
 
+    @property
+    def input_size(self) -> int:
+        """The square input side the backbone was built for (``img_size``, else timm's default)."""
+        size = getattr(self.backbone, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1]
+        patch_embed = getattr(self.backbone, "patch_embed", None)
+        built = getattr(patch_embed, "img_size", None)
+        return int(built[0] if isinstance(built, (tuple, list)) else built or size)
+
     def freeze_stages(self, k: int) -> None:
         """Freeze the patch embedding and stages ``0 .. k-1`` (``k = 0`` freezes nothing)."""
         if k <= 0:
