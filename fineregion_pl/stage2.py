@@ -117,11 +117,33 @@ class Stage2Module(L.LightningModule):
         self.vision.attention.requires_grad_(mask_loss_weight > 0)
         if freeze_encoder:
             self.vision.encoder.requires_grad_(False)
-        self.language = RegionLanguageModel(as_config(LanguageModelConfig, language_model))
-        self.prompt = RegionPrompt(
-            self.vision.out_dim, self.language.hidden_size, prompt_tokens, prompt_mode, prompt_hidden, self.language.embedding_rms()
-        )
         self.collector = RegionTestCollector()
+
+    # The language model and the prompt (whose size follows the LM) are built in configure_model,
+    # which Lightning calls inside the strategy's init context: under DeepSpeed ZeRO-3 the LM is
+    # sharded as it is built. Outside a Trainer, call configure_model() before listing parameters;
+    # the first use of `language` or `prompt` also builds them.
+    def configure_model(self) -> None:
+        if "language" in self._modules:
+            return
+        language = RegionLanguageModel(as_config(LanguageModelConfig, self.hparams.language_model))
+        hp = self.hparams
+        prompt = RegionPrompt(self.vision.out_dim, language.hidden_size, hp.prompt_tokens, hp.prompt_mode, hp.prompt_hidden, language.embedding_rms())
+        # not add_module: it probes hasattr(), which would call the properties below
+        self._modules["language"] = language
+        self._modules["prompt"] = prompt
+
+    @property
+    def language(self) -> RegionLanguageModel:
+        """The LoRA language model (built on first use; see :meth:`configure_model`)."""
+        self.configure_model()
+        return self._modules["language"]
+
+    @property
+    def prompt(self) -> RegionPrompt:
+        """The region prompt (built with the language model)."""
+        self.configure_model()
+        return self._modules["prompt"]
 
     # ------------------------------------------------------------------ forward pieces
     def encode(self, batch: dict[str, Any]) -> tuple[RegionOutputs, Tensor, Tensor]:

@@ -36,7 +36,9 @@ def make(stage1_checkpoint, lm_dir, **lora) -> Stage2Module:
     settings = dict(r=4, alpha=8, dropout=0.0, target_modules="all-linear")
     settings.update(lora)
     config = LanguageModelConfig(name_or_path=str(lm_dir), lora=LoraSettings(**settings))
-    return Stage2Module(init_from=str(stage1_checkpoint), language_model=config, prompt_tokens=2, prompt_hidden=32, masking="hard", lr=1e-2, warmup_steps=1, max_new_tokens=6)
+    module = Stage2Module(init_from=str(stage1_checkpoint), language_model=config, prompt_tokens=2, prompt_hidden=32, masking="hard", lr=1e-2, warmup_steps=1, max_new_tokens=6)
+    module.configure_model()
+    return module
 
 
 def test_each_family_learns_captions(family_lm, stage1_checkpoint, data, tmp_path):

@@ -18,7 +18,9 @@ def make_stage2(stage1_checkpoint, tiny_lm, **kwargs) -> Stage2Module:
     defaults = dict(init_from=str(stage1_checkpoint), language_model=lm, prompt_tokens=2, prompt_hidden=32, lr=3e-3, warmup_steps=1, max_new_tokens=6)
     defaults.update(kwargs)
     torch.manual_seed(0)
-    return Stage2Module(**defaults)
+    module = Stage2Module(**defaults)
+    module.configure_model()  # what the Trainer does first; builds the LM and the prompt
+    return module
 
 
 @pytest.fixture(scope="module")
