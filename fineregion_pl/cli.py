@@ -20,12 +20,14 @@ LIGHTNING_VERBS = {
 
 
 def _plain_verbs() -> dict[str, tuple[Callable, str]]:
+    from .ablations import ablations
     from .export import export
     from .quickstart import quickstart
 
     return {
         "quickstart": (quickstart, "the whole pipeline on the built-in synthetic benchmark, on the CPU"),
         "export": (export, "a stage-2 checkpoint as a LoRA adapter, a merged HF model and the vision weights"),
+        "ablations": (ablations, "Table 1 (methods) and Table 2 (ablations) on the synthetic benchmark, over seeds"),
     }
 
 

@@ -5,40 +5,22 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
-
-import yaml
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
+from typing import Optional
 
 
-def _stage_config(name: str, workdir: Path, steps: Optional[int], overrides: dict[str, Any], save_as: Optional[str] = None) -> Path:
-    """Copy ``configs/quickstart/<name>.yaml`` into ``workdir/configs`` with the workdir's paths."""
-    source = CONFIG_DIR / f"{name}.yaml"
-    if not source.is_file():
-        raise FileNotFoundError(f"quickstart config not found: {source} (run the quickstart from a source checkout installed with `pip install -e .`)")
-    config = yaml.safe_load(source.read_text())
-    stage_dir = workdir / name
-    config["trainer"]["default_root_dir"] = str(stage_dir)
-    if steps is not None:
-        config["trainer"]["max_steps"] = steps
-        config["trainer"]["val_check_interval"] = max(1, steps // 2)
-    for callback in config["trainer"].get("callbacks", []):
-        if callback["class_path"].endswith("ModelCheckpoint"):
-            callback["init_args"]["dirpath"] = str(stage_dir / "checkpoints")
-            if steps is not None:
-                callback["init_args"]["every_n_train_steps"] = max(1, steps // 2)
-    config["data"]["data_dirs"] = [str(workdir / "data")]
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    out = workdir / "configs" / f"{save_as or name}.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(config, sort_keys=False))
-    return out
+def prepare_benchmark(root: Path, train_images: int, val_images: int, test_images: int, lm_steps: int, seed: int) -> tuple[Path, Path]:
+    """The synthetic shards (``root/data``) and the tiny pretrained LM (``root/tiny-lm``), made if missing."""
+    from .data.shards import MANIFEST
+    from .data.synthetic import write_synthetic
+    from .tiny_lm import build_tiny_lm, synthetic_pretraining_texts
+
+    data = root / "data"
+    if not all((data / s / MANIFEST).is_file() for s in ("train", "val", "test")):
+        write_synthetic(data, {"train": train_images, "val": val_images, "test": test_images}, seed=seed, shard_size=250)
+    lm_dir = root / "tiny-lm"
+    if not (lm_dir / "config.json").is_file():
+        build_tiny_lm(lm_dir, synthetic_pretraining_texts(seed, min(train_images, 1000)), steps=lm_steps, seed=seed)
+    return data, lm_dir
 
 
 def quickstart(
@@ -71,23 +53,17 @@ def quickstart(
             (no region information) and report it beside the real result.
     """
     from .cli import cli_main
-    from .data.shards import MANIFEST
-    from .data.synthetic import write_synthetic
     from .evaluation.report import results_table, write_results
-    from .tiny_lm import build_tiny_lm, synthetic_pretraining_texts
+    from .run_configs import recipe, write_run_config
 
     started = time.time()
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
-    data = root / "data"
-    if not all((data / s / MANIFEST).is_file() for s in ("train", "val", "test")):
-        write_synthetic(data, {"train": train_images, "val": val_images, "test": test_images}, seed=seed, shard_size=250)
-    lm_dir = root / "tiny-lm"
-    if not (lm_dir / "config.json").is_file():
-        build_tiny_lm(lm_dir, synthetic_pretraining_texts(seed, min(train_images, 1000)), steps=lm_steps, seed=seed)
+    data, lm_dir = prepare_benchmark(root, train_images, val_images, test_images, lm_steps, seed)
 
     seed_arg = ["--seed_everything", str(seed)]
-    stage1 = _stage_config("stage1", root, stage1_steps, {})
+    configs = root / "configs"
+    stage1 = write_run_config(recipe("quickstart/stage1.yaml"), configs / "stage1.yaml", root / "stage1", data, steps=stage1_steps)
     cli_main(["fit", "--config", str(stage1)] + seed_arg)
     stage1_ckpt = root / "stage1" / "checkpoints" / "last.ckpt"
 
@@ -96,7 +72,7 @@ def quickstart(
         "model.init_args.language_model.name_or_path": str(lm_dir),
         "model.init_args.results_dir": str(root),
     }
-    stage2 = _stage_config("stage2", root, stage2_steps, overrides)
+    stage2 = write_run_config(recipe("quickstart/stage2.yaml"), configs / "stage2.yaml", root / "stage2", data, overrides=overrides, steps=stage2_steps)
     cli_main(["fit", "--config", str(stage2)] + seed_arg)
     stage2_ckpt = root / "stage2" / "checkpoints" / "last.ckpt"
     cli_main(["test", "--config", str(stage2), "--ckpt_path", str(stage2_ckpt)] + seed_arg)
@@ -105,7 +81,7 @@ def quickstart(
     if control:
         control_dir = root / "no_region_control"
         overrides.update({"model.init_args.ignore_regions": True, "model.init_args.results_dir": str(control_dir)})
-        control = _stage_config("stage2", root, stage2_steps, overrides, save_as="stage2_no_region_control")
+        control = write_run_config(recipe("quickstart/stage2.yaml"), configs / "stage2_no_region_control.yaml", root / "stage2", data, overrides=overrides, steps=stage2_steps)
         cli_main(["test", "--config", str(control), "--ckpt_path", str(stage2_ckpt)] + seed_arg)
         control_results = json.loads((control_dir / "results.json").read_text())
         results["no_region_control"] = {

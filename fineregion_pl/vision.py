@@ -25,6 +25,7 @@ class EncoderConfig:
     backbone_kwargs: dict = field(default_factory=dict)
     grad_checkpointing: bool = False
     freeze_stages: int = 0
+    pooling: str = "mask"
 
     def build(self) -> "RegionEncoder":
         return RegionEncoder(**asdict(self))
@@ -90,6 +91,9 @@ class RegionEncoder(nn.Module):
             ``embed_dim``, ``depths``, ``num_heads``, ``window_size``, ``img_size`` here).
         grad_checkpointing: recompute backbone activations in backward to save memory.
         freeze_stages: freeze the patch embedding and the first ``k`` stages.
+        pooling: ``mask`` (masked average over the region's cells, the method) or ``roi_align``
+            (torchvision RoIAlign of each box to 1x1 per level: the GPT4RoI / ControlCap way,
+            a baseline; it ignores the masking mode's mask shape).
     """
 
     def __init__(
@@ -100,8 +104,12 @@ class RegionEncoder(nn.Module):
         backbone_kwargs: Optional[dict] = None,
         grad_checkpointing: bool = False,
         freeze_stages: int = 0,
+        pooling: str = "mask",
     ):
         super().__init__()
+        if pooling not in ("mask", "roi_align"):
+            raise ValueError(f"encoder pooling must be 'mask' or 'roi_align', got {pooling!r}")
+        self.pooling = pooling
         self.backbone = create_backbone(backbone, pretrained, feature_levels, **(backbone_kwargs or {}))
         self.level_dims: list[int] = list(self.backbone.feature_info.channels())
         self.out_dim = sum(self.level_dims)
@@ -155,6 +163,8 @@ class RegionEncoder(nn.Module):
         masks = [box_masks(boxes, image_size, f.shape[1:3], hard=hard).to(f.dtype) for f in features]
         if mask_transform is not None:
             masks = [mask_transform(m) for m in masks]
+        if self.pooling == "roi_align":
+            return roi_align_pool(features, boxes, image_size), masks
         z = torch.cat([masked_mean(f, m) for f, m in zip(features, masks)], dim=-1)
         return z, masks
 
@@ -178,6 +188,22 @@ class RegionEncoder(nn.Module):
             boxes = whole_image_boxes(boxes, image_size)
         z, masks = self.pool(features, boxes, image_size, hard=masking == "hard")
         return RegionFeatures(z=z, context=self.context(features), masks=masks, features=features)
+
+
+def roi_align_pool(features: list[Tensor], boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """RoIAlign of every box to 1x1 on every level (torchvision), concatenated: ``(B, N, D)``."""
+    from torchvision.ops import roi_align
+
+    b, n, _ = boxes.shape
+    index = torch.arange(b, device=boxes.device, dtype=boxes.dtype).repeat_interleave(n)[:, None]
+    rois = torch.cat([index, boxes.reshape(b * n, 4)], dim=1)
+    parts = []
+    for f in features:
+        scale = f.shape[2] / image_size[1]
+        pooled = roi_align(f.permute(0, 3, 1, 2), rois.to(f.dtype), output_size=1, spatial_scale=scale, sampling_ratio=2, aligned=True)
+        parts.append(pooled.reshape(b, n, -1))
+    valid = (boxes[..., 2:] > boxes[..., :2]).all(-1, keepdim=True)
+    return torch.cat(parts, dim=-1) * valid
 
 
 def whole_image_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:

@@ -17,7 +17,7 @@ from learning import first_batch
 from fineregion_pl.cli import FineRegionCLI
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if "strategies" not in p.parts)
+ALL_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if not {"strategies", "rows"} & set(p.parts))
 
 
 def build(config: str, *overrides: str) -> FineRegionCLI:

@@ -1,0 +1,36 @@
+"""A callback for tests that run the CLI in other processes: each rank saves its weights.
+
+Given to ``fineregion-pl fit`` in a config's ``trainer.callbacks`` (with this folder on
+``PYTHONPATH``): at the start and at the end of training every rank writes
+``OUT_DIR/rank{global_rank}-{start,end}.pt`` holding its module's ``state_dict`` (tensors only),
+so a test can check that data-parallel ranks hold identical weights and that training changed them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class RankStateDump(L.Callback):
+    """Writes every rank's ``state_dict`` at the start and at the end of ``fit``.
+
+    Args:
+        out_dir: the folder to write ``rank{R}-start.pt`` and ``rank{R}-end.pt`` into.
+    """
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def _dump(self, trainer: L.Trainer, module: L.LightningModule, when: str) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        torch.save(state, self.out_dir / f"rank{trainer.global_rank}-{when}.pt")
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._dump(trainer, module, "start")
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._dump(trainer, module, "end")
