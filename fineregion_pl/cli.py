@@ -9,7 +9,9 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .errors import FineRegionError
 
 LIGHTNING_VERBS = {
     "fit": "train a stage (LightningCLI: --config configs/stage1.yaml ...)",
@@ -31,6 +33,18 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
     }
 
 
+class QuietParser(LightningArgumentParser):
+    """Reports a bad command line or config as one line (no usage wall): the option at fault."""
+
+    def error(self, message: str, ex: Optional[Exception] = None):  # noqa: D102 - argparse API
+        lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+        culprit = next((line for line in lines if "not accepted" in line or "does not exist" in line), None)
+        where = next((line for line in lines if line.startswith("- Problem with given class_path")), "")
+        text = f"{culprit} ({where[2:].split(':')[0].strip()})" if culprit and where else (culprit or (lines[0] if lines else "bad arguments"))
+        sys.stderr.write(f"fineregion-pl: error: {text}; see --help\n")
+        raise SystemExit(2)
+
+
 class FineRegionCLI(LightningCLI):
     """LightningCLI with our defaults: any LightningModule by ``class_path``, the region DataModule."""
 
@@ -43,6 +57,7 @@ class FineRegionCLI(LightningCLI):
             subclass_mode_model=True,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
+            parser_class=QuietParser,
             args=args,
             run=run,
         )
@@ -100,15 +115,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(_usage(plain))
         return
     verb = argv[0]
-    if verb in plain:
-        from jsonargparse import auto_cli
-
-        auto_cli(plain[verb][0], args=argv[1:])
-        return
-    if verb not in LIGHTNING_VERBS:
+    if verb not in plain and verb not in LIGHTNING_VERBS:
         print(f"fineregion-pl: unknown verb {verb!r}\n\n{_usage(plain)}", file=sys.stderr)
         raise SystemExit(2)
-    cli_main(None if from_command_line else argv)
+    try:
+        if verb in plain:
+            from jsonargparse import auto_cli
+
+            auto_cli(plain[verb][0], args=argv[1:])
+        else:
+            cli_main(None if from_command_line else argv)
+    except FineRegionError as err:
+        print(f"fineregion-pl: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

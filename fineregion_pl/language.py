@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import BadInputError
+
 IGNORE = -100
 
 
@@ -82,7 +84,7 @@ def load_language_model(config: LanguageModelConfig) -> tuple[nn.Module, "transf
     try:
         lm_config = transformers.AutoConfig.from_pretrained(config.name_or_path)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load language model {config.name_or_path!r}: {str(err).splitlines()[0]}") from err
+        raise BadInputError(f"cannot load language model {config.name_or_path!r}: {str(err).splitlines()[0]}") from None
     encoder_decoder = bool(getattr(lm_config, "is_encoder_decoder", False))
     auto = transformers.AutoModelForSeq2SeqLM if encoder_decoder else transformers.AutoModelForCausalLM
     kwargs = {}

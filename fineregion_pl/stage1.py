@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from .config_utils import as_config, plain_hparams
+from .errors import check_finite_loss
 from .losses import attention_inside, mask_loss
 from .masking import DynamicMasking
 from .optim import adamw_with_schedule
@@ -82,6 +83,7 @@ class Stage1Module(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch)
         losses = self._losses(batch, out)
+        check_finite_loss(losses["loss"], self.global_step, losses)
         labelled = out.region_valid & (batch["categories"] >= 0)
         acc = (out.logits.argmax(-1) == batch["categories"])[labelled].float().mean()
         bs = batch["images"].shape[0]

@@ -14,6 +14,7 @@ from torch import Tensor
 from .boxes import box_geometry
 from .checkpoints import load_stage1_weights, read_checkpoint
 from .config_utils import as_config, optional_config, plain_hparams
+from .errors import BadInputError, check_finite_loss
 from .evaluation.grounding import grounding_outcome
 from .evaluation.test_results import RegionTestCollector
 from .language import LanguageModelConfig, RegionLanguageModel
@@ -97,10 +98,10 @@ class Stage2Module(L.LightningModule):
         stage1_hparams = (stage1 or {}).get("hyper_parameters", {})
         encoder = optional_config(EncoderConfig, encoder) or optional_config(EncoderConfig, stage1_hparams.get("encoder"))
         if encoder is None:
-            raise ValueError("Stage2Module needs `encoder` or `init_from` (a stage-1 checkpoint to take the encoder from)")
+            raise BadInputError("Stage2Module needs `encoder` or `init_from` (a stage-1 checkpoint to take the encoder from)")
         num_classes = num_classes or stage1_hparams.get("num_classes")
         if not num_classes:
-            raise ValueError("Stage2Module needs `num_classes` or `init_from` (a stage-1 checkpoint to take it from)")
+            raise BadInputError("Stage2Module needs `num_classes` or `init_from` (a stage-1 checkpoint to take it from)")
         head_hidden = head_hidden or stage1_hparams.get("head_hidden", 256)
         attn_dim = attn_dim or stage1_hparams.get("attn_dim", 64)
         self.hparams.update(
@@ -201,6 +202,7 @@ class Stage2Module(L.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = self.losses(batch)
+        check_finite_loss(losses["loss"], self.global_step, losses)
         bs = batch["images"].shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
         self.log("train/caption", losses["caption_loss"].detach(), prog_bar=True, batch_size=bs, logger=False)
@@ -309,7 +311,7 @@ class Stage2Module(L.LightningModule):
         missing = sorted(set(own) - frozen - set(checkpoint["state_dict"]))
         unexpected = sorted(set(checkpoint["state_dict"]) - set(own))
         if missing or unexpected:
-            raise RuntimeError(
+            raise BadInputError(
                 f"checkpoint does not fit this Stage2Module: missing {len(missing)} key(s) {missing[:5]}, "
                 f"unexpected {len(unexpected)} key(s) {unexpected[:5]} (a stage-1 checkpoint goes to `init_from`, not `ckpt_path`)"
             )

@@ -10,6 +10,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from .errors import BadInputError
+
 from .regions import box_masks, masked_mean
 
 MaskingMode = Literal["none", "hard", "dynamic"]
@@ -67,7 +69,7 @@ def create_backbone(
     if isinstance(pretrained, (str, Path)) and str(pretrained) not in ("True", "False", "true", "false"):
         path = Path(pretrained)
         if not path.is_file():
-            raise FileNotFoundError(f"encoder weights file not found: {path}")
+            raise BadInputError(f"encoder weights file not found: {path}")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
         pretrained = True
     elif isinstance(pretrained, str):
@@ -76,7 +78,7 @@ def create_backbone(
         return timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=tuple(feature_levels), **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ValueError(f"unknown timm model name {name!r}: see timm.list_models('swin*')") from err
+            raise BadInputError(f"unknown timm model name {name!r}: see timm.list_models('swin*')") from None
         raise
 
 

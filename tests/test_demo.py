@@ -239,9 +239,10 @@ def stage2_checkpoint(tmp_path_factory, synthetic_data, stage1_checkpoint, tiny_
 
 
 @pytest.fixture
-def demo_url(stage2_checkpoint, tmp_path):
-    """``python -m fineregion_pl.demo --ckpt_path ... --port 0`` running; its address."""
-    log = open(tmp_path / "demo-server.log", "w")
+def demo_server(stage2_checkpoint, tmp_path):
+    """Starts ``python -m fineregion_pl.demo --ckpt_path ... --port 0``; call the result for its address."""
+    log_path = tmp_path / "demo-server.log"
+    log = open(log_path, "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "fineregion_pl.demo", "--ckpt_path", str(stage2_checkpoint), "--host", "127.0.0.1", "--port", "0",
          "--examples", "2", "--device", "cpu"],
@@ -249,17 +250,20 @@ def demo_url(stage2_checkpoint, tmp_path):
     )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    url, deadline = None, time.monotonic() + 90
-    while url is None and time.monotonic() < deadline and process.poll() is None:
-        try:
-            found = re.search(r"serving on (http://\S+)", lines.get(timeout=1))
-            url = found.group(1) if found else None
-        except queue.Empty:
-            pass
+
+    def url(timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                found = re.search(r"serving on (http://\S+)", lines.get(timeout=0.5))
+            except queue.Empty:
+                continue
+            if found:
+                return found.group(1)
+        log.flush()
+        pytest.fail(f"the demo did not start (exit code {process.poll()}):\n{log_path.read_text()[-3000:]}")
+
     try:
-        if url is None:
-            log.flush()
-            pytest.fail(f"the demo did not start (exit code {process.poll()}):\n{(tmp_path / 'demo-server.log').read_text()[-3000:]}")
         yield url
     finally:
         process.terminate()
@@ -267,6 +271,7 @@ def demo_url(stage2_checkpoint, tmp_path):
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
         log.close()
 
 
@@ -281,12 +286,13 @@ def test_demo_end_to_end_in_headless_chromium(request, tmp_path, scene):
 
     expect.set_options(timeout=30_000)
     stage2_checkpoint = request.getfixturevalue("stage2_checkpoint")
-    url = request.getfixturevalue("demo_url")
+    server = request.getfixturevalue("demo_server")  # starts loading while the reference captions are made here
     image, record = scene
     upload = tmp_path / "scene.png"
     image.save(upload)
     boxes = [r["box"] for r in record["regions"][:2]]
     expected = RegionCaptioner.from_checkpoint(stage2_checkpoint).describe(image, boxes)
+    url = server()
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(

@@ -10,6 +10,7 @@ from learning import LossRecorder, first_batch, fixed_batch_loader
 
 from fineregion_pl import RegionDataModule, Stage2Module
 from fineregion_pl.checkpoints import read_checkpoint
+from fineregion_pl.errors import BadInputError
 from fineregion_pl.language import LanguageModelConfig, LoraSettings
 
 
@@ -91,7 +92,7 @@ def test_stage2_checkpoint_skips_frozen_lm_weights_and_reloads(stage1_checkpoint
 def test_stage2_refuses_a_stage1_checkpoint_as_its_own(stage1_checkpoint, tiny_lm):
     module = make_stage2(stage1_checkpoint, tiny_lm)
     checkpoint = read_checkpoint(stage1_checkpoint)
-    with pytest.raises(RuntimeError, match="missing .* key"):
+    with pytest.raises(BadInputError, match="missing .* key"):
         module.on_load_checkpoint(checkpoint)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from conftest import TINY_BACKBONE_KWARGS
 
+from fineregion_pl.errors import BadInputError
 from fineregion_pl.vision import RegionEncoder, create_backbone
 
 
@@ -30,7 +31,7 @@ def test_local_timm_weights_file_is_loaded(tmp_path):
 
 
 def test_missing_weights_file_and_unknown_name_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="encoder weights file not found"):
+    with pytest.raises(BadInputError, match="encoder weights file not found"):
         tiny(pretrained=str(tmp_path / "nope.pth"))
     with pytest.raises(ValueError, match="unknown timm model name 'swin_nonexistent'"):
         create_backbone("swin_nonexistent")

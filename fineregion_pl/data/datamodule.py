@@ -171,19 +171,27 @@ def _batches(samples: Iterator, batch_size: int) -> Iterator[dict]:
 
 
 class EpochDataLoader(DataLoader):
-    """A DataLoader that tells its stream the current epoch each time an epoch starts.
+    """A DataLoader that tells its stream the current epoch each time an epoch starts, and skips
+    the batches of the epoch that are already done when a run resumes mid-epoch.
 
     Lightning calls ``set_epoch`` only on samplers, and an iterable stream has none; workers are
-    forked when iteration starts, so setting the epoch here reaches them.
+    forked when iteration starts, so setting the epoch here reaches them. ``progress`` gives
+    ``(epoch, batches already done in it)`` from the Trainer's own (checkpointed) progress, so a
+    resumed run reads exactly the batches the interrupted one had not read yet (the skipped ones
+    are decoded and dropped: resuming late in a long epoch costs that reading time).
     """
 
-    def __init__(self, *args, epoch_source=lambda: 0, **kwargs):
+    def __init__(self, *args, progress=lambda: (0, 0), **kwargs):
         super().__init__(*args, **kwargs)
-        self.epoch_source = epoch_source
+        self.progress = progress
 
     def __iter__(self):
-        self.dataset.set_epoch(self.epoch_source())
-        return super().__iter__()
+        epoch, done = self.progress()
+        self.dataset.set_epoch(epoch)
+        batches = super().__iter__()
+        if self.dataset.train and done:
+            return itertools.islice(batches, done, None)
+        return batches
 
 
 class RegionDataModule(L.LightningDataModule):
@@ -256,9 +264,13 @@ class RegionDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _current_epoch(self) -> int:
+    def _progress(self) -> tuple[int, int]:
+        """``(epoch, training batches already done in it)`` from the Trainer (0, 0 without one)."""
         trainer = getattr(self, "trainer", None)
-        return trainer.current_epoch if trainer is not None else 0
+        if trainer is None:
+            return 0, 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready if trainer.training else 0
+        return trainer.current_epoch, int(done)
 
     def stream(self, split: str, train: bool) -> RegionBatchStream:
         """The batch stream of ``split`` for this process."""
@@ -282,7 +294,7 @@ class RegionDataModule(L.LightningDataModule):
         stream = self.stream(split, train)
         shards = sum(len(s) for s in stream.shard_sets)
         workers = self.hparams.num_workers if train else min(self.hparams.num_workers, max(1, shards // stream.world_size))
-        return EpochDataLoader(stream, batch_size=None, num_workers=workers, epoch_source=self._current_epoch)
+        return EpochDataLoader(stream, batch_size=None, num_workers=workers, progress=self._progress)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.hparams.train_split, train=True)

@@ -23,11 +23,8 @@ from typing import Any, Optional
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..errors import BadInputError
 from .transforms import RegionSample, to_region_sample
-
-
-class BadInputError(ValueError):
-    """An input the user gave is malformed; the message names the file and the record."""
 
 
 def _image_entries(path: Path) -> list[dict]:

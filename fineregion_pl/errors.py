@@ -1,0 +1,35 @@
+"""Errors that the command line reports as one line (no traceback): bad input, a run gone wrong."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class FineRegionError(Exception):
+    """Base of the errors ``fineregion-pl`` prints as ``fineregion-pl: error: <message>``."""
+
+
+class BadInputError(FineRegionError, ValueError):
+    """An input the user gave is malformed; the message names the file and the record."""
+
+
+class NonFiniteLossError(FineRegionError, FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step."""
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, parts: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`NonFiniteLossError` before a non-finite loss reaches backward and the weights.
+
+    Raising here means the optimizer never applies the bad step, and the checkpoint callback
+    (which runs after the step) never saves it: the last checkpoint on disk stays the last good one.
+    """
+    value = float(loss.detach())
+    if math.isfinite(value):
+        return
+    bad = [name for name, part in parts.items() if not math.isfinite(float(part.detach()))]
+    raise NonFiniteLossError(
+        f"training loss is {value} at step {step} (non-finite: {', '.join(bad) or 'total'}); stopped before the "
+        "optimizer step, so the last checkpoint on disk is the last good one: lower the learning rate or check the data"
+    )
