@@ -53,6 +53,19 @@ def import_classes(names: Sequence[str], what: str = "class") -> set[type[nn.Mod
     return classes
 
 
+def as_timedelta(value: Any) -> Any:
+    """``"h:m:s"`` or ``"d days, h:m:s"`` (how configs write a timeout) as a ``timedelta``; anything else as is."""
+    if not isinstance(value, str):
+        return value
+    days, _, clock = value.rpartition(",")
+    try:
+        hours, minutes, seconds = (float(part) for part in clock.strip().split(":"))
+        whole_days = int(days.split()[0]) if days.strip() else 0
+    except (ValueError, IndexError) as err:
+        raise ValueError(f"timeout {value!r} is not 'h:m:s' (e.g. '0:10:00')") from err
+    return timedelta(days=whole_days, hours=hours, minutes=minutes, seconds=seconds)
+
+
 class RegionFSDPStrategy(FSDPStrategy):
     """Lightning's ``FSDPStrategy`` with the wrapping and activation-checkpointing policies given as class names.
 
@@ -103,7 +116,7 @@ class RegionFSDPStrategy(FSDPStrategy):
             cpu_offload=cpu_offload,
             use_orig_params=use_orig_params,
             limit_all_gathers=limit_all_gathers,
-            timeout=timeout,
+            timeout=as_timedelta(timeout),
             process_group_backend=process_group_backend,
         )
 
@@ -131,6 +144,8 @@ class RegionDeepSpeedStrategy(DeepSpeedStrategy):
     """
 
     def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any):
+        if "timeout" in kwargs:
+            kwargs["timeout"] = as_timedelta(kwargs["timeout"])
         super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
         zero = self.config.get("zero_optimization", {}) if isinstance(self.config, dict) else {}
         if isinstance(zero, dict) and zero.get("offload_optimizer"):
@@ -178,7 +193,7 @@ def load_without_frozen(module: nn.Module, state_dict: dict[str, Any], strict: b
     result = module.load_state_dict(state_dict, strict=False)
     if not strict:
         return
-    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}  # tied aliases too
     missing = sorted(k for k in result.missing_keys if k not in frozen)
     unexpected = sorted(result.unexpected_keys)
     if missing or unexpected:

@@ -102,7 +102,7 @@ def _fill_frozen_weights(state: dict[str, torch.Tensor], hparams: dict[str, Any]
     except FileNotFoundError as err:
         raise ValueError(f"convert-zero: rebuilding {cls.__name__} for its frozen weights failed: {err} (give --init_from PATH)") from err
     own = module.state_dict()
-    params = dict(module.named_parameters())
+    params = dict(module.named_parameters(remove_duplicate=False))
     missing = [k for k in own if k not in state]
     trainable = [k for k in missing if k in params and params[k].requires_grad]
     if trainable:

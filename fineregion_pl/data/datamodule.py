@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -38,6 +39,15 @@ def _worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+def skip_bad_sample(error: Exception) -> bool:
+    """webdataset error handler: skip the sample, with one warning naming it and its shard."""
+    key, url = getattr(error, "key", None), getattr(error, "url", None)
+    cause = error.__cause__ or error.__context__ or error
+    where = f"sample {key!r} of {url}" if key or url else "a sample"
+    warnings.warn(f"skipped {where}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else 'cannot decode'}", stacklevel=2)
+    return True
+
+
 def _samples(shards: list[str], stream: "RegionBatchStream", rng: random.Random, category_map: Optional[list[int]] = None) -> Iterator:
     """Decoded region samples of ``shards`` in order (with a shuffle buffer when training).
 
@@ -45,12 +55,12 @@ def _samples(shards: list[str], stream: "RegionBatchStream", rng: random.Random,
     """
     if not shards:
         return iter(())
-    stages = [wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+    stages = [wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=skip_bad_sample)]
     if stream.train:
         stages.append(wds.shuffle(stream.shuffle_buffer, initial=min(100, stream.shuffle_buffer), rng=rng))
     stages += [
-        wds.decode("pil", handler=wds.warn_and_continue),
-        wds.to_tuple("jpg;png;jpeg", "json", handler=wds.warn_and_continue),
+        wds.decode("pil", handler=skip_bad_sample),
+        wds.to_tuple("jpg;png;jpeg", "json", handler=skip_bad_sample),
         wds.map(lambda s: to_region_sample(s[0], s[1], stream.image_size, stream.max_regions, stream.train, rng, category_map)),
     ]
     if stream.train:
