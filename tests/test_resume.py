@@ -27,7 +27,7 @@ def stage1_config(tmp_path: Path, data: Path, name: str) -> Path:
             "default_root_dir": str(run),
             "callbacks": [{
                 "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {"dirpath": str(run / "checkpoints"), "filename": "step{step}", "every_n_train_steps": 4, "save_top_k": -1, "save_last": True},
+                "init_args": {"dirpath": str(run / "checkpoints"), "filename": "step{step}", "auto_insert_metric_name": False, "every_n_train_steps": 4, "save_top_k": -1, "save_last": True},
             }],
         },
         "model": {

@@ -34,6 +34,11 @@ from .shards import read_manifest, split_shards
 from .transforms import collate_regions, to_region_sample
 
 
+# Lightning warns about any IterableDataset with a length and several workers; this stream splits
+# its shards by worker and gives each worker its share of len(), so the length is exact.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+
+
 def _worker_slot() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
