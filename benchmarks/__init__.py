@@ -48,6 +48,25 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int
     return times
 
 
+def measure_interleaved(fns: dict[str, Callable[[], float]], rounds: int, warmup: int = 0) -> dict[str, list[float]]:
+    """Like :func:`time_interleaved`, for candidates that measure themselves.
+
+    Each function runs once per round (order rotated from round to round) and returns its own
+    figure for that run: a steady-state step time, a rate... (what the wall time of the whole call
+    would blur, e.g. a Trainer's set-up or a DataLoader's worker start). Returns per-function
+    lists of ``rounds`` values, index ``r`` of every list measured in the same round.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    values: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            values[name].append(float(fns[name]()))
+    return values
+
+
 def median_ratio(numerator: list[float], denominator: list[float]) -> float:
     """Median over rounds of ``numerator[r] / denominator[r]``."""
     return statistics.median(n / d for n, d in zip(numerator, denominator))

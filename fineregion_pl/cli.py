@@ -25,10 +25,12 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
     from .ablations import ablations
     from .export import export
     from .quickstart import quickstart
+    from .zero_checkpoint import convert_zero
 
     return {
         "quickstart": (quickstart, "the whole pipeline on the built-in synthetic benchmark, on the CPU"),
         "export": (export, "a stage-2 checkpoint as a LoRA adapter, a merged HF model and the vision weights"),
+        "convert-zero": (convert_zero, "a DeepSpeed ZeRO checkpoint folder as one Lightning checkpoint file (for test, predict, export, init_from)"),
         "ablations": (ablations, "Table 1 (methods) and Table 2 (ablations) on the synthetic benchmark, over seeds"),
     }
 

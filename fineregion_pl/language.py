@@ -11,6 +11,7 @@ Lightning.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -110,7 +111,32 @@ def load_language_model(config: LanguageModelConfig) -> tuple[nn.Module, "transf
             task_type=TaskType.SEQ_2_SEQ_LM if encoder_decoder else TaskType.CAUSAL_LM,
         )
         model = get_peft_model(model, lora)
+        _initialise_partitioned_lora(model)
     return model, tokenizer, encoder_decoder
+
+
+def _gathered(params: list[torch.nn.Parameter]):
+    """Full values of DeepSpeed ZeRO-3 partitioned parameters inside the block (no-op otherwise)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
+
+
+def _initialise_partitioned_lora(model: nn.Module) -> None:
+    """peft initialises LoRA in place (B = 0); on ZeRO-3 partitions that does nothing: gather and redo it."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            params = [p for n, p in module.named_parameters() if "lora_" in n]
+            if any(hasattr(p, "ds_id") for p in params):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                    for adapter in module.lora_A:
+                        module.reset_lora_parameters(adapter, True)
 
 
 class RegionLanguageModel(nn.Module):
@@ -144,12 +170,14 @@ class RegionLanguageModel(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.model.get_input_embeddings().weight.shape[1]
+        embedding = self.model.get_input_embeddings()
+        return getattr(embedding, "embedding_dim", None) or embedding.weight.shape[-1]
 
     def embedding_rms(self) -> float:
         """Root mean square of the LM's input embedding entries (the scale soft tokens should have)."""
-        w = self.model.get_input_embeddings().weight.detach().float()
-        return float(w.pow(2).mean().sqrt())
+        weight = self.model.get_input_embeddings().weight
+        with _gathered([weight]):
+            return float(weight.detach().float().pow(2).mean().sqrt())
 
     def embed(self, ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(ids)

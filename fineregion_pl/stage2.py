@@ -297,7 +297,8 @@ class Stage2Module(L.LightningModule):
 
     def frozen_lm_keys(self) -> set[str]:
         """State-dict keys of frozen language-model weights (the base LM under LoRA)."""
-        return {f"language.{name}" for name, p in self.language.named_parameters() if not p.requires_grad}
+        # remove_duplicate=False: a tied lm_head shares the embedding but has a state-dict key of its own
+        return {f"language.{name}" for name, p in self.language.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         frozen = self.frozen_lm_keys()

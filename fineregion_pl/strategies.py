@@ -22,6 +22,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
+from .errors import BadInputError
+
 SWIN_BLOCK = "timm.models.swin_transformer.SwinTransformerBlock"
 LM_BLOCKS = (
     "transformers.models.llama.modeling_llama.LlamaDecoderLayer",
@@ -34,21 +36,21 @@ DEFAULT_WRAP_BLOCKS = (SWIN_BLOCK, *LM_BLOCKS)
 def import_classes(names: Sequence[str], what: str = "class") -> set[type[nn.Module]]:
     """The ``nn.Module`` classes named by dotted paths (``timm.models.swin_transformer.SwinTransformerBlock``).
 
-    Raises a ``ValueError`` naming the entry that is not a dotted path, cannot be imported or is
-    not an ``nn.Module`` subclass.
+    Raises a ``BadInputError`` (a ``ValueError``) naming the entry that is not a dotted path,
+    cannot be imported or is not an ``nn.Module`` subclass.
     """
     classes: set[type[nn.Module]] = set()
     for name in names:
         module_name, _, class_name = str(name).rpartition(".")
         if not module_name:
-            raise ValueError(f"{what}: {name!r} is not a dotted class path (like '{SWIN_BLOCK}')")
+            raise BadInputError(f"{what}: {name!r} is not a dotted class path (like '{SWIN_BLOCK}')")
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            raise ValueError(f"{what}: cannot import module {module_name!r} of {name!r}: {err}") from err
+            raise BadInputError(f"{what}: cannot import module {module_name!r} of {name!r}: {err}") from err
         cls = getattr(module, class_name, None)
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise ValueError(f"{what}: {module_name!r} has no nn.Module class {class_name!r} (from {name!r})")
+            raise BadInputError(f"{what}: {module_name!r} has no nn.Module class {class_name!r} (from {name!r})")
         classes.add(cls)
     return classes
 
@@ -62,7 +64,7 @@ def as_timedelta(value: Any) -> Any:
         hours, minutes, seconds = (float(part) for part in clock.strip().split(":"))
         whole_days = int(days.split()[0]) if days.strip() else 0
     except (ValueError, IndexError) as err:
-        raise ValueError(f"timeout {value!r} is not 'h:m:s' (e.g. '0:10:00')") from err
+        raise BadInputError(f"timeout {value!r} is not 'h:m:s' (e.g. '0:10:00')") from err
     return timedelta(days=whole_days, hours=hours, minutes=minutes, seconds=seconds)
 
 
@@ -162,6 +164,25 @@ class RegionDeepSpeedStrategy(DeepSpeedStrategy):
             self._hf_deepspeed_config = HfDeepSpeedConfig(self.config)
         with super().model_sharded_context():
             yield
+
+    def _auto_select_batch_size(self) -> int:
+        """Images per GPU for DeepSpeed's ``train_micro_batch_size_per_gpu`` (throughput bookkeeping).
+
+        Lightning reads it from the loader's ``batch_sampler``; our streaming loaders yield whole
+        batches and have none, so it comes from the DataModule's (or the dataset's) ``batch_size``.
+        """
+        trainer = self.lightning_module.trainer
+        size = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+        source = trainer.fit_loop._data_source
+        if source.is_defined():
+            loader = source.dataloader()
+            sampler = getattr(loader, "batch_sampler", None)
+            size = sampler.batch_size if sampler is not None else getattr(getattr(loader, "dataset", None), "batch_size", None)
+            if isinstance(size, int) and size > 0:
+                return size
+        return 1
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
         if not self.exclude_frozen_parameters or (self.load_full_weights and self.zero_stage_3) or not Path(checkpoint_path).is_dir():

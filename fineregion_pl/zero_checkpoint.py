@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 
+from .errors import BadInputError
+
 # what DeepSpeed adds to a checkpoint next to Lightning's own keys: bookkeeping that means nothing
 # outside a DeepSpeed engine (and whose values are not all plain)
 DEEPSPEED_KEYS = frozenset({
@@ -30,7 +32,7 @@ DEEPSPEED_KEYS = frozenset({
 })
 
 
-def convert_zero(*, ckpt_dir: str, out: str, init_from: Optional[str] = None, model_class: Optional[str] = None) -> Path:
+def convert_zero(*, ckpt_dir: str, out: str, init_from: Optional[str] = None, model_class: Optional[str] = None, seed: int = 0) -> Path:
     """Convert a DeepSpeed (ZeRO-2/3) checkpoint folder into one Lightning checkpoint file.
 
     Weights are gathered from every rank's shard in fp32 (Lightning's
@@ -48,16 +50,20 @@ def convert_zero(*, ckpt_dir: str, out: str, init_from: Optional[str] = None, mo
             path saved in the checkpoint (default: that path).
         model_class: the LightningModule's class path (default: the one LightningCLI saved in the
             hyper-parameters, else ``Stage2Module`` when there is a ``language_model``, else ``Stage1Module``).
+        seed: the run's ``seed_everything``: frozen weights that were randomly initialised (a
+            frozen stage of an encoder trained without pretrained weights) are rebuilt with it.
 
     Returns:
         The path of the written checkpoint.
     """
-    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    from lightning.pytorch.utilities.deepspeed import (
+        convert_zero_checkpoint_to_fp32_state_dict,
+    )
 
     source = Path(ckpt_dir).resolve()
     if not source.is_dir() or not (source / "latest").is_file():
         what = "a file (already a single checkpoint?)" if source.is_file() else "not a DeepSpeed checkpoint folder"
-        raise ValueError(
+        raise BadInputError(
             f"convert-zero: {ckpt_dir} is {what}: expected the folder a DeepSpeed run saved, holding a 'latest' file "
             f"and the tag folder it names (e.g. runs/stage2/checkpoints/last.ckpt/)"
         )
@@ -70,7 +76,7 @@ def convert_zero(*, ckpt_dir: str, out: str, init_from: Optional[str] = None, mo
     if init_from is not None:
         hparams["init_from"] = init_from
         checkpoint["hyper_parameters"] = hparams
-    filled = _fill_frozen_weights(state, hparams, model_class, source)
+    filled = _fill_frozen_weights(state, hparams, model_class, source, seed)
     checkpoint["state_dict"] = state
     checkpoint["converted_from_zero"] = {"folder": str(source), "filled_frozen": len(filled)}
     _save_plain(checkpoint, target)
@@ -86,27 +92,29 @@ def _module_class(hparams: dict[str, Any], model_class: Optional[str]) -> type:
     try:
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"convert-zero: cannot import the model class {path!r} (give --model_class): {err}") from err
+        raise BadInputError(f"convert-zero: cannot import the model class {path!r} (give --model_class): {err}") from err
 
 
-def _fill_frozen_weights(state: dict[str, torch.Tensor], hparams: dict[str, Any], model_class: Optional[str], source: Path) -> list[str]:
+def _fill_frozen_weights(state: dict[str, torch.Tensor], hparams: dict[str, Any], model_class: Optional[str], source: Path, seed: int) -> list[str]:
     """Put into ``state`` the frozen weights and buffers a rebuilt module has and ``state`` lacks; returns their keys.
 
-    Raises a ``ValueError`` when a trainable weight is missing (the folder is incomplete).
+    Raises a ``BadInputError`` (a ``ValueError``) when a trainable weight is missing (the folder is incomplete).
     """
     cls = _module_class(hparams, model_class)
     accepted = inspect.signature(cls.__init__).parameters
     kwargs = {k: v for k, v in hparams.items() if k in accepted}
     try:
-        module = cls(**kwargs)
-    except FileNotFoundError as err:
-        raise ValueError(f"convert-zero: rebuilding {cls.__name__} for its frozen weights failed: {err} (give --init_from PATH)") from err
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # as the CLI's seed_everything before it builds the model
+            module = cls(**kwargs)
+    except (FileNotFoundError, BadInputError) as err:
+        raise BadInputError(f"convert-zero: rebuilding {cls.__name__} for its frozen weights failed: {err} (give --init_from PATH)") from err
     own = module.state_dict()
     params = dict(module.named_parameters(remove_duplicate=False))
     missing = [k for k in own if k not in state]
     trainable = [k for k in missing if k in params and params[k].requires_grad]
     if trainable:
-        raise ValueError(
+        raise BadInputError(
             f"convert-zero: {source} lacks {len(trainable)} trainable weight(s) of {cls.__name__}: {trainable[:5]} "
             f"(is it a checkpoint of this model? give --model_class)"
         )
@@ -124,7 +132,7 @@ def _save_plain(checkpoint: dict[str, Any], target: Path) -> None:
     except Exception as err:
         partial.unlink()
         bad = [key for key, value in checkpoint.items() if key != "state_dict" and not _loads_safely(value)]
-        raise ValueError(f"convert-zero: entries {bad} of the checkpoint are not plain values or tensors: {str(err).splitlines()[0]}") from err
+        raise BadInputError(f"convert-zero: entries {bad} of the checkpoint are not plain values or tensors: {str(err).splitlines()[0]}") from err
     os.replace(partial, target)
 
 

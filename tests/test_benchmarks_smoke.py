@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +27,63 @@ def one_thread():
 
 def test_registry_finds_pooling():
     assert "pooling" in runner.discover()
+
+
+NEW_BENCHMARKS = {
+    # module: (rows it gives, words every figure of it contains)
+    "vision": (2, "regions"),
+    "stage2_step": (2, "plain loop"),
+    "data": (2, "raw webdataset"),
+    "generation": (2, "generate"),
+}
+
+
+def test_registry_finds_the_new_benchmarks():
+    assert set(NEW_BENCHMARKS) <= set(runner.discover())
+
+
+def assert_well_formed(rows: list[dict], name: str) -> None:
+    for r in rows:
+        assert set(ROW_KEYS) <= set(r), r
+        assert r["name"] == name, r
+        assert isinstance(r["value"], float) and math.isfinite(r["value"]) and r["value"] > 0, r
+        assert isinstance(r["met"], bool) and r["target"] and r["figure"] and r["note"], r
+
+
+@pytest.mark.parametrize("name", sorted(NEW_BENCHMARKS))
+def test_new_benchmark_quick_rows_are_well_formed(name, one_thread):
+    import importlib
+
+    count, words = NEW_BENCHMARKS[name]
+    rows = importlib.import_module(f"benchmarks.bench_{name}").run(quick=True)
+    assert len(rows) == count
+    assert_well_formed(rows, name)
+    assert all(words in r["figure"] for r in rows), [r["figure"] for r in rows]
+    for r in rows:  # an unmet target says why in its note
+        assert r["met"] or "Unmet" in r["note"], r
+
+
+def test_plan_prints_every_section(one_thread):
+    from benchmarks import plan
+
+    text = plan.plan(plan.ROOT / "configs" / "stage1.yaml", plan.ROOT / "configs" / "stage2.yaml", 0.4, (8, 32))
+    for section in ("## The model", "## FLOPs per sample", "## Memory per GPU", "## Throughput and one epoch", "## Stage 1", "## Assumptions"):
+        assert section in text
+    assert "| 2 | 8 |" in text and "| 3 | 32 |" in text  # ZeRO-2 and ZeRO-3 rows for each GPU count
+    assert "3584" in text and "152064" in text  # the hand-written Qwen2.5-7B config is stated
+    assert not re.search(r"\b(nan|inf)\b", text.lower())
+
+
+def test_plan_counts_templates_and_batches():
+    from benchmarks import plan
+
+    assert plan.template_pieces("Describe the region {region} in a short phrase:") == [3, 5]
+    assert plan.template_pieces("{region} and {region}?") == [0, 1, 1]
+    s2 = plan.read_config(plan.ROOT / "configs" / "stage2.yaml")
+    batch = plan.stage2_batch(s2, plan.DATASETS, [1.0, 1.0])
+    assert batch.images == s2["data"]["batch_size"]
+    assert batch.rows["caption"] >= batch.rows["referring"] > 0
+    assert batch.padded_tokens >= batch.real_tokens > 0
 
 
 def test_pooling_quick_rows_are_well_formed(one_thread, tmp_path):

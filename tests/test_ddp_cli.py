@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from tiny_runs import stage2_overlay, write_yaml  # noqa: E402
+from tiny_runs import stage2_overlay, write_yaml
 
-from fineregion_pl.checkpoints import read_checkpoint  # noqa: E402
+from fineregion_pl.checkpoints import read_checkpoint
 
 
 def cli_env() -> dict[str, str]:

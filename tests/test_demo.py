@@ -219,6 +219,14 @@ def _browser_stack_missing() -> str | None:
 
 
 @pytest.fixture(scope="module")
+def browser_stack():
+    """Skips (naming what is missing) unless chromium, the demo extra and playwright are installed."""
+    missing = _browser_stack_missing()
+    if missing:
+        pytest.skip(missing)
+
+
+@pytest.fixture(scope="module")
 def stage2_checkpoint(tmp_path_factory, synthetic_data, stage1_checkpoint, tiny_lm) -> Path:
     """A tiny stage-2 checkpoint after two real training steps."""
     import torch
@@ -276,23 +284,21 @@ def demo_server(stage2_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_in_headless_chromium(request, tmp_path, scene):
-    missing = _browser_stack_missing()
-    if missing:
-        pytest.skip(missing)
+def test_demo_end_to_end_in_headless_chromium(browser_stack, stage2_checkpoint, demo_server, tmp_path, scene):
     from playwright.sync_api import expect, sync_playwright
 
     from fineregion_pl.api import RegionCaptioner
 
     expect.set_options(timeout=30_000)
-    stage2_checkpoint = request.getfixturevalue("stage2_checkpoint")
-    server = request.getfixturevalue("demo_server")  # starts loading while the reference captions are made here
+    started = time.monotonic()
     image, record = scene
     upload = tmp_path / "scene.png"
     image.save(upload)
     boxes = [r["box"] for r in record["regions"][:2]]
     expected = RegionCaptioner.from_checkpoint(stage2_checkpoint).describe(image, boxes)
-    url = server()
+    url = demo_server()  # it has been loading meanwhile
+    print(f"reference captions and server start: {time.monotonic() - started:.1f} s")
+    started = time.monotonic()
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
@@ -357,3 +363,4 @@ def test_demo_end_to_end_in_headless_chromium(request, tmp_path, scene):
             expect(page.locator("#message")).to_contain_text("the file is not an image this demo can read")
         finally:
             browser.close()
+    print(f"in the browser: {time.monotonic() - started:.1f} s")

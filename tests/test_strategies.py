@@ -13,14 +13,19 @@ import yaml
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
 from fineregion_pl.cli import FineRegionCLI, cli_main
-from fineregion_pl.strategies import RegionDeepSpeedStrategy, RegionFSDPStrategy, import_classes, load_without_frozen
+from fineregion_pl.strategies import (
+    RegionDeepSpeedStrategy,
+    RegionFSDPStrategy,
+    import_classes,
+    load_without_frozen,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ROOT / "configs" / "strategies"
 NAMES = ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3"]
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
-from tiny_runs import stage2_overlay, write_yaml  # noqa: E402
+from tiny_runs import stage2_overlay, write_yaml
 
 
 def strategy_init_args(name: str) -> dict:
@@ -28,7 +33,7 @@ def strategy_init_args(name: str) -> dict:
 
 
 def test_the_five_strategy_configs_exist_and_every_key_is_commented():
-    assert sorted(p.stem for p in STRATEGIES.glob("*.yaml")) == sorted(NAMES)
+    assert set(NAMES) <= {p.stem for p in STRATEGIES.glob("*.yaml")}
     for name in NAMES:
         for number, line in enumerate((STRATEGIES / f"{name}.yaml").read_text().splitlines(), 1):
             if re.match(r"^\s+\w+:\s*\S", line) and not line.strip().startswith("#"):
@@ -73,8 +78,8 @@ def test_ddp_config_sets_a_short_timeout_and_no_unused_parameter_search(tiny_ove
 
 
 def test_fsdp_config_wraps_swin_and_lm_blocks_of_the_real_model(tiny_overlay):
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from timm.models.swin_transformer import SwinTransformerBlock
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     strategy = build_trainer_strategy("fsdp", tiny_overlay)

@@ -3,11 +3,13 @@
 Given to ``fineregion-pl fit`` in a config's ``trainer.callbacks`` (with this folder on
 ``PYTHONPATH``): at the start and at the end of training every rank writes
 ``OUT_DIR/rank{global_rank}-{start,end}.pt`` holding its module's ``state_dict`` (tensors only),
-so a test can check that data-parallel ranks hold identical weights and that training changed them.
+so a test can check that data-parallel ranks hold identical weights and that training changed them,
+and ``OUT_DIR/rank{global_rank}.json``: the cluster environment Lightning detected and the world size.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -31,6 +33,15 @@ class RankStateDump(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._dump(trainer, module, "start")
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        info = {
+            "cluster_environment": type(environment).__name__,
+            "auto_requeue": getattr(environment, "auto_requeue", None),
+            "world_size": trainer.world_size,
+            "num_nodes": trainer.num_nodes,
+            "backend": getattr(trainer.strategy, "_process_group_backend", None),
+        }
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(info))
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._dump(trainer, module, "end")
