@@ -73,6 +73,7 @@ class RegionThroughputMonitor(ThroughputMonitor):
         self._tokens = Throughput(window_size=self.window_size, separator=self.separator)
         self._token_total = self._token_batches = 0
         self._token_t0 = time.perf_counter()
+        self._flop_counter = None  # a new fit measures its module again (when it has no flops_per_batch)
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if self.measure_flops and self._flop_counter is None and not hasattr(pl_module, "flops_per_batch"):

@@ -23,6 +23,7 @@ LIGHTNING_VERBS = {
 
 def _plain_verbs() -> dict[str, tuple[Callable, str]]:
     from .ablations import ablations
+    from .demo import demo
     from .export import export
     from .quickstart import quickstart
     from .zero_checkpoint import convert_zero
@@ -31,6 +32,7 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
         "quickstart": (quickstart, "the whole pipeline on the built-in synthetic benchmark, on the CPU"),
         "export": (export, "a stage-2 checkpoint as a LoRA adapter, a merged HF model and the vision weights"),
         "convert-zero": (convert_zero, "a DeepSpeed ZeRO checkpoint folder as one Lightning checkpoint file (for test, predict, export, init_from)"),
+        "demo": (demo, "a local web page: open an image, draw or type boxes, read each region's caption"),
         "ablations": (ablations, "Table 1 (methods) and Table 2 (ablations) on the synthetic benchmark, over seeds"),
     }
 
@@ -104,7 +106,7 @@ def cli_main(args: Optional[list[str]] = None) -> FineRegionCLI:
 def _usage(plain: dict[str, tuple[Callable, str]]) -> str:
     lines = ["usage: fineregion-pl VERB [options]   (fineregion-pl VERB --help for a verb's options)", "", "verbs:"]
     for verb, text in list(LIGHTNING_VERBS.items()) + [(v, t) for v, (_, t) in plain.items()]:
-        lines.append(f"  {verb:<11} {text}")
+        lines.append(f"  {verb:<13} {text}")
     return "\n".join(lines)
 
 
