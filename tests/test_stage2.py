@@ -103,3 +103,14 @@ def test_init_from_a_checkpoint_that_does_not_fit_names_the_keys(stage1_checkpoi
     torch.save(checkpoint, broken)
     with pytest.raises(ValueError, match=r"missing \['head.1.weight'\]"):
         make_stage2(broken, tiny_lm)
+
+
+def test_consistency_gradient_through_the_lm_reaches_the_prompt(stage1_checkpoint, tiny_lm, data):
+    module = make_stage2(stage1_checkpoint, tiny_lm, masking="hard")
+    batch = first_batch(data)
+    batch["boxes"][:, :, :] = torch.tensor([4.0, 4.0, 40.0, 40.0])  # every region of an image overlaps every other
+    losses = module.losses(batch)
+    assert losses["consistency_loss"] > 0
+    losses["consistency_loss"].backward()
+    grads = [p.grad for p in module.prompt.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
