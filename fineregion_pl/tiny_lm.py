@@ -72,11 +72,27 @@ def build_tiny_lm(
     Causal families learn the texts as a language model; ``t5`` learns to write each text from
     an empty encoder input (its decoder becomes the language model).
     """
-    from transformers import GenerationConfig
-
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = train_word_tokenizer(texts)
+    threads = torch.get_num_threads()
+    # the ops of a tiny LM are too small to gain from a second thread, and on a busy machine every
+    # parallel region would wait for it: one thread is as fast when idle and far faster when shared
+    torch.set_num_threads(1)
+    try:
+        model = _pretrain(family, tokenizer, texts, hidden_size, num_layers, num_heads, steps, batch_size, lr, rng, progress)
+    finally:
+        torch.set_num_threads(threads)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _pretrain(family, tokenizer, texts, hidden_size, num_layers, num_heads, steps, batch_size, lr, rng, progress):
+    """Pretrain a tiny LM of ``family`` on ``texts`` (the loop of :func:`build_tiny_lm`)."""
+    from transformers import GenerationConfig
+
     model = tiny_model(family, tokenizer, hidden_size, num_layers, num_heads)
     encoder_decoder = model.config.is_encoder_decoder
     bos = [] if encoder_decoder else [tokenizer.bos_token_id]
@@ -106,10 +122,7 @@ def build_tiny_lm(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         decoder_start_token_id=tokenizer.pad_token_id if encoder_decoder else None,
     )
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return model
 
 
 def synthetic_pretraining_texts(seed: int = 0, count: int = 1000) -> list[str]:
