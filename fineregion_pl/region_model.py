@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from .boxes import sanitize_boxes
-from .masking import DynamicMasking, add_context, perturb_boxes
+from .masking import DynamicMasking, perturb_boxes, perturb_masks
 from .region_attention import RegionAttention
-from .regions import box_masks
-from .vision import EncoderConfig, MaskingMode, RegionFeatures, whole_image_boxes
+from .regions import box_masks, merge_masks, rasterize_segmentations
+from .vision import EncoderConfig, MaskingMode, RegionFeatures, level_segmentation, whole_image_boxes
 
 
 @dataclass
@@ -70,6 +70,7 @@ class RegionVisionModel(nn.Module):
         masking: MaskingMode = "dynamic",
         dynamic: Optional[DynamicMasking] = None,
         generator: Optional[torch.Generator] = None,
+        segmentations: Optional[list] = None,
     ) -> RegionOutputs:
         """Encode images, pool every region, classify it and predict its attention map.
 
@@ -81,6 +82,9 @@ class RegionVisionModel(nn.Module):
             masking: ``none`` | ``hard`` | ``dynamic``.
             dynamic: perturbation strengths; applied only when training with ``masking="dynamic"``.
             generator: random source of the perturbations.
+            segmentations: per image, per region a COCO polygon list / RLE in model-input pixels
+                or ``None``; where given, the region's mask is its segmentation (box jitter does
+                not move it; dilation/erosion and context mixing still apply).
         """
         height, width = images.shape[-2:]
         boxes, region_valid = sanitize_boxes(boxes, region_valid, width, height)
@@ -91,11 +95,16 @@ class RegionVisionModel(nn.Module):
         elif perturb:
             jittered, _ = sanitize_boxes(perturb_boxes(boxes, dynamic, generator), region_valid, width, height)
             pool_boxes = torch.where(region_valid[..., None], jittered, boxes)
-            mask_transform = partial(add_context, config=dynamic, generator=generator)
+            mask_transform = partial(perturb_masks, config=dynamic, generator=generator)
+        full = None
+        if segmentations is not None and masking != "none" and any(s is not None for image in segmentations for s in image):
+            full = rasterize_segmentations(segmentations, (height, width), boxes.shape[1]).to(boxes.device)
         features = self.encoder.forward_features(images)
-        z, masks = self.encoder.pool(features, pool_boxes, (height, width), hard=masking == "hard", mask_transform=mask_transform)
+        z, masks = self.encoder.pool(features, pool_boxes, (height, width), masking == "hard", mask_transform, full)
         regions = RegionFeatures(z=z, context=self.encoder.context(features), masks=masks, features=features)
         target = box_masks(boxes, (height, width), features[0].shape[1:3]).to(z.dtype)
+        if full is not None:
+            target = merge_masks(level_segmentation(full, target.shape[-2:], False, target.dtype), target)
         return RegionOutputs(
             regions=regions,
             logits=self.head(z),

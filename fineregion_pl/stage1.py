@@ -28,6 +28,8 @@ class Stage1Module(L.LightningModule):
         masking: ``dynamic`` (the method), ``hard`` (fixed binary masks) or ``none``
             (whole-image pooling: the global-feature baseline).
         dynamic: training-time perturbations of ``dynamic`` masking.
+        use_segmentation: pool regions that have a segmentation (COCO polygons/RLE, e.g. RefCOCOg)
+            with their segmentation mask instead of their box mask.
         mask_loss_weight: weight ``w`` of ``L_mask``.
         head_hidden: hidden size of the category head.
         attn_dim: query/key size of the region attention map.
@@ -44,6 +46,7 @@ class Stage1Module(L.LightningModule):
         categories: Optional[list[str]] = None,
         masking: MaskingMode = "dynamic",
         dynamic: DynamicMasking = DynamicMasking(),
+        use_segmentation: bool = False,
         mask_loss_weight: float = 1.0,
         head_hidden: int = 256,
         attn_dim: int = 64,
@@ -67,7 +70,8 @@ class Stage1Module(L.LightningModule):
         })
 
     def forward(self, batch: dict[str, Any]) -> RegionOutputs:
-        return self.model(batch["images"], batch["boxes"], batch["region_valid"], self.hparams.masking, self.dynamic)
+        segmentations = batch.get("segmentations") if self.hparams.use_segmentation else None
+        return self.model(batch["images"], batch["boxes"], batch["region_valid"], self.hparams.masking, self.dynamic, segmentations=segmentations)
 
     def _losses(self, batch: dict[str, Any], out: RegionOutputs) -> dict[str, torch.Tensor]:
         labelled = out.region_valid & (batch["categories"] >= 0)

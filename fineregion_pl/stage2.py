@@ -39,6 +39,7 @@ class Stage2Module(L.LightningModule):
         head_hidden, attn_dim: sizes of the stage-1 head and attention (default: from ``init_from``).
         masking: region pooling: ``dynamic``, ``hard`` or ``none``.
         dynamic: training-time perturbations of ``dynamic`` masking.
+        use_segmentation: pool regions with their segmentation mask where the data has one.
         prompt_mode: ``adaptive`` (the method) or ``static`` (the "no adaptive prompts" ablation).
         prompt_tokens: ``k``, soft prompt tokens per region (plus one region token).
         prompt_hidden: hidden size of the adaptive prompt generator.
@@ -72,6 +73,7 @@ class Stage2Module(L.LightningModule):
         attn_dim: Optional[int] = None,
         masking: MaskingMode = "dynamic",
         dynamic: DynamicMasking = DynamicMasking(),
+        use_segmentation: bool = False,
         prompt_mode: PromptMode = "adaptive",
         prompt_tokens: int = 4,
         prompt_hidden: int = 512,
@@ -157,7 +159,8 @@ class Stage2Module(L.LightningModule):
         masking = self.hparams.masking
         if self.hparams.ignore_regions:
             boxes, masking = whole_image_boxes(boxes, tuple(batch["images"].shape[-2:])), "none"
-        out = self.vision(batch["images"], boxes, batch["region_valid"], masking, self.dynamic)
+        segmentations = batch.get("segmentations") if self.hparams.use_segmentation and not self.hparams.ignore_regions else None
+        out = self.vision(batch["images"], boxes, batch["region_valid"], masking, self.dynamic, segmentations=segmentations)
         index = out.region_valid.nonzero()
         height, width = batch["images"].shape[-2:]
         size = torch.tensor([float(width), float(height)], device=boxes.device).expand(boxes.shape[0], 2)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .errors import BadInputError
 
-from .regions import box_masks, masked_mean
+from .regions import area_downsample, box_masks, masked_mean, merge_masks
 
 MaskingMode = Literal["none", "hard", "dynamic"]
 
@@ -149,6 +149,7 @@ class RegionEncoder(nn.Module):
         image_size: tuple[int, int],
         hard: bool = False,
         mask_transform: Optional[Callable[[Tensor], Tensor]] = None,
+        segmentations: Optional[Tensor] = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """Pool every region from every level.
 
@@ -158,11 +159,16 @@ class RegionEncoder(nn.Module):
             image_size: ``(H, W)`` of the model input.
             hard: binary instead of soft masks.
             mask_transform: applied to each level's ``(B, N, h, w)`` masks before pooling.
+            segmentations: ``(B, N, H, W)`` full-resolution region masks
+                (:func:`~fineregion_pl.regions.rasterize_segmentations`), all zero for regions
+                without one: where present they replace the box mask (area-downsampled per level).
 
         Returns:
             ``z (B, N, D)`` (levels concatenated) and the per-level masks pooled with.
         """
         masks = [box_masks(boxes, image_size, f.shape[1:3], hard=hard).to(f.dtype) for f in features]
+        if segmentations is not None:
+            masks = [merge_masks(level_segmentation(segmentations, m.shape[-2:], hard, m.dtype), m) for m in masks]
         if mask_transform is not None:
             masks = [mask_transform(m) for m in masks]
         if self.pooling == "roi_align":
@@ -190,6 +196,12 @@ class RegionEncoder(nn.Module):
             boxes = whole_image_boxes(boxes, image_size)
         z, masks = self.pool(features, boxes, image_size, hard=masking == "hard")
         return RegionFeatures(z=z, context=self.context(features), masks=masks, features=features)
+
+
+def level_segmentation(segmentations: Tensor, feature_size: tuple[int, int], hard: bool, dtype: torch.dtype) -> Tensor:
+    """Full-resolution region masks on one feature grid (cell coverage; binary at 0.5 when ``hard``)."""
+    masks = area_downsample(segmentations, feature_size, dtype)
+    return (masks >= 0.5).to(dtype) if hard else masks
 
 
 def roi_align_pool(features: list[Tensor], boxes: Tensor, image_size: tuple[int, int]) -> Tensor:

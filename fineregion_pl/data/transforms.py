@@ -33,6 +33,7 @@ class RegionSample:
     image_id: Any
     scale: float
     size: tuple[int, int]  # original (width, height)
+    segmentations: list = None  # per region: COCO polygons / RLE in model-input pixels, or None
 
 
 def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, float]:
@@ -50,6 +51,29 @@ def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, float]:
     canvas[:new_h, :new_w] = np.asarray(image, dtype=np.float32) / 255.0
     canvas[:new_h, :new_w] = (canvas[:new_h, :new_w] - IMAGENET_MEAN) / IMAGENET_STD
     return torch.from_numpy(canvas).permute(2, 0, 1).contiguous(), scale
+
+
+def scale_segmentation(segmentation: Any, scale: float, canvas: int) -> Any:
+    """A region's COCO segmentation in the pixels of the letterboxed ``canvas x canvas`` input.
+
+    Polygons are scaled; an RLE is decoded, resized (nearest) and re-encoded at the canvas size.
+    """
+    if not segmentation:
+        return None
+    if isinstance(segmentation, dict):
+        from pycocotools import mask as mask_utils
+
+        rle = segmentation
+        if isinstance(rle.get("counts"), list):
+            rle = mask_utils.frPyObjects(rle, *rle["size"])
+        mask = Image.fromarray(mask_utils.decode(rle) * 255)
+        new_w, new_h = max(1, round(mask.width * scale)), max(1, round(mask.height * scale))
+        padded = np.zeros((canvas, canvas), dtype=np.uint8)
+        resized = np.asarray(mask.resize((new_w, new_h), Image.NEAREST)) > 127
+        padded[: min(new_h, canvas), : min(new_w, canvas)] = resized[:canvas, :canvas]
+        encoded = mask_utils.encode(np.asfortranarray(padded))
+        return {"size": [canvas, canvas], "counts": encoded["counts"].decode("ascii")}
+    return [[float(v) * scale for v in polygon] for polygon in segmentation if len(polygon) >= 6]
 
 
 def to_region_sample(
@@ -92,6 +116,7 @@ def to_region_sample(
         image_id=record.get("image_id"),
         scale=scale,
         size=(int(record.get("width", image.width)), int(record.get("height", image.height))),
+        segmentations=[scale_segmentation(r.get("segmentation"), scale, image_size) for r in regions],
     )
 
 
@@ -101,7 +126,7 @@ def collate_regions(samples: list[RegionSample]) -> dict[str, Any]:
     Returns a dict with ``images (B, 3, S, S)``, ``boxes (B, N, 4)`` (zeros where padded),
     ``region_valid (B, N)`` bool, ``categories (B, N)`` (-1 where padded or unknown), and the
     per-image lists ``captions``, ``references``, ``region_ids``, ``referring``, ``questions``,
-    ``image_ids``, ``scales``, ``sizes``.
+    ``segmentations``, ``image_ids``, ``scales``, ``sizes``.
     """
     b = len(samples)
     n = max([len(s.region_ids) for s in samples] + [1])
@@ -124,6 +149,7 @@ def collate_regions(samples: list[RegionSample]) -> dict[str, Any]:
         "referring": [s.referring for s in samples],
         "questions": [s.questions for s in samples],
         "image_ids": [s.image_id for s in samples],
+        "segmentations": [s.segmentations or [None] * len(s.region_ids) for s in samples],
         "scales": torch.tensor([s.scale for s in samples]),
         "sizes": torch.tensor([s.size for s in samples], dtype=torch.float32),
     }
