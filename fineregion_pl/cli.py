@@ -103,6 +103,16 @@ def cli_main(args: Optional[list[str]] = None) -> FineRegionCLI:
     return FineRegionCLI(args=args)
 
 
+def lost_peer(error: BaseException) -> bool:
+    """Whether an error is a collective failing because another rank died or timed out."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "NCCL", "Gloo", "gloo"))
+
+
 def _usage(plain: dict[str, tuple[Callable, str]]) -> str:
     lines = ["usage: fineregion-pl VERB [options]   (fineregion-pl VERB --help for a verb's options)", "", "verbs:"]
     for verb, text in list(LIGHTNING_VERBS.items()) + [(v, t) for v, (_, t) in plain.items()]:
@@ -131,6 +141,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             cli_main(None if from_command_line else argv)
     except FineRegionError as err:
         print(f"fineregion-pl: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except RuntimeError as err:
+        if not lost_peer(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"fineregion-pl: error: a training process was lost ({first[:200]}); fix the cause, then resume with --ckpt_path last", file=sys.stderr)
         raise SystemExit(1) from None
 
 

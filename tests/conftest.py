@@ -76,3 +76,23 @@ def stage1_checkpoint(tmp_path_factory, synthetic_data) -> Path:
     path = out / "stage1.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def stage2_checkpoint(tmp_path_factory, synthetic_data, tiny_lm, stage1_checkpoint) -> Path:
+    """A stage-2 checkpoint after a few real training steps (tiny LM with LoRA, stage-1 encoder)."""
+    import lightning as L
+
+    from fineregion_pl import RegionDataModule, Stage2Module
+    from fineregion_pl.language import LanguageModelConfig, LoraSettings
+
+    L.seed_everything(0)
+    out = tmp_path_factory.mktemp("stage2")
+    language = LanguageModelConfig(name_or_path=str(tiny_lm), lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    module = Stage2Module(init_from=str(stage1_checkpoint), language_model=language, prompt_tokens=2, prompt_hidden=32, max_new_tokens=6)
+    data = RegionDataModule([str(synthetic_data)], image_size=64, batch_size=4, num_workers=0)
+    trainer = tiny_trainer(out, max_steps=3, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(module, data)
+    path = out / "stage2.ckpt"
+    trainer.save_checkpoint(path)
+    return path
