@@ -85,6 +85,7 @@ DATASETS = [
     Dataset("Visual Genome", round(0.9 * 108_077), 50.0, 5.0 * 1.2 + 1, False, 2.0,
             "108,077 images x 0.9 (the converter's default train share) = 97,269; ~50 region phrases per image of ~5 words"),
 ]
+DECODE_RATE = (40, 70)  # images/s one dataloader worker decodes + letterboxes (640x480 JPEG to 384 px), measured here once
 TOKENS_PER_WORD = 1.2  # English words to Qwen BPE tokens (common words are one token; assumed)
 PADDED_TARGET = {"caption": 20, "referring": 20, "question": 4}  # longest target of a call in a mixed batch (assumed)
 ANSWER_TOKENS = 2.0  # a spatial answer / VG predicate + EOS
@@ -538,19 +539,22 @@ def plan(stage1_path: Path, stage2_path: Path, mfu: float, gpu_counts: tuple[int
     s1_model = s1_count.model_flops / s1_b
     s1_exec = (s1_count.executed_flops if vision_ckpt else s1_count.model_flops) / s1_b
     s1_rate = peak / s1_model
+    s1_workers = int(s1["data"].get("num_workers") or 1)
     lines += ["## Stage 1 (Swin alone, DDP)", "",
               f"`{s1['model']['init_args']['encoder']['backbone']}` at {s1['data']['image_size']} px, batch {s1_b}, "
               f"{s1['data']['max_regions']} regions: forward {s1_count.forward / s1_b / 1e9:.0f} GFLOP per image, backward "
               f"{s1_count.backward / s1_count.forward:.2f}x forward (the frozen first stage has no weight gradients), model FLOPs "
               f"{s1_model / 1e9:.0f} GFLOP, executed with recomputation {s1_exec / 1e9:.0f} GFLOP. {s1_params / 1e6:.1f} M parameters "
               f"({s1_trainable / 1e6:.1f} M trained); activations per GPU {gb(s1_count.activations(vision_ckpt))} GB with checkpointing.", "",
-              "| GPUs | samples/s | epoch |", "|---|---|---|"]
+              f"| GPUs | samples/s at {mfu:.0%} MFU | epoch | epoch if input-bound ({s1_workers} workers x {DECODE_RATE[0]}-{DECODE_RATE[1]} images/s per GPU) |",
+              "|---|---|---|---|"]
     for n in gpu_counts:
-        lines.append(f"| {n} | {s1_rate * n:,.0f} | {human_time(epoch_images / (s1_rate * n))} |")
+        slow, fast = (epoch_images / (n * s1_workers * r) for r in DECODE_RATE)
+        lines.append(f"| {n} | {s1_rate * n:,.0f} | {human_time(epoch_images / (s1_rate * n))} | {human_time(fast)} - {human_time(slow)} |")
     lines += ["", f"At {s1_rate:,.0f} images/s per GPU stage 1 is input-bound, not compute-bound: decoding a COCO-size JPEG "
               f"(640x480) and letterboxing it to {s1['data']['image_size']} px (`to_region_sample`) took 14-27 ms on one core of this "
-              f"project's (loaded) CPU, i.e. roughly 40-70 images/s per dataloader worker, so `num_workers: "
-              f"{s1['data'].get('num_workers')}` gives a few hundred images/s per GPU. GPU decoding (nvJPEG/DALI) or pre-resized "
+              f"project's (loaded) CPU, i.e. roughly {DECODE_RATE[0]}-{DECODE_RATE[1]} images/s per dataloader worker, so `num_workers: "
+              f"{s1_workers}` gives {s1_workers * DECODE_RATE[0]}-{s1_workers * DECODE_RATE[1]} images/s per GPU. GPU decoding (nvJPEG/DALI) or pre-resized "
               f"shards (`--max-side`) are what would feed it; stage 2 needs only {rate:.0f} images/s per GPU."]
 
     lines += ["", "## Assumptions", ""]

@@ -155,6 +155,7 @@ class RegionLanguageModel(nn.Module):
             "referring": self._template_ids(config.referring_template, slots=1),
             "question": self._template_ids(config.question_template, slots=2),
         }
+        self.text_tokens = 0  # target tokens (EOS included) teacher-forced so far; Stage2Module reads the increase per step
 
     def _template_ids(self, template: str, slots: int) -> list[list[int]]:
         """Token ids of the text pieces around the ``{region}`` slots (BOS first for causal LMs)."""
@@ -213,6 +214,7 @@ class RegionLanguageModel(nn.Module):
         for row, seq in enumerate(ids):
             out[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = True
+        self.text_tokens += int(mask.sum())  # counted on the CPU before the copy: no device sync
         return out.to(device), mask.to(device)
 
     def teacher_forced(self, prompts: Tensor | list[Tensor], texts: list[str], task: str = "caption") -> tuple[Tensor, Tensor, Tensor]:

@@ -204,7 +204,9 @@ class Stage2Module(L.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        tokens_before = self.language.text_tokens
         losses = self.losses(batch)
+        self.last_batch_tokens = self.language.text_tokens - tokens_before  # supervised text tokens (RegionThroughputMonitor)
         check_finite_loss(losses["loss"], self.global_step, losses)
         bs = batch["images"].shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
