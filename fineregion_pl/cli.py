@@ -90,12 +90,13 @@ class FineRegionCLI(LightningCLI):
         super()._parse_ckpt_path()
 
 
-def _num_categories(data) -> int:
-    return len(data.categories)
+def _num_categories(data) -> Optional[int]:
+    """The data's category count; None (the checkpoint's then) when no shards exist, as for ``predict`` on images."""
+    return len(data.categories) if data.has_manifests() else None
 
 
-def _category_names(data) -> list[str]:
-    return list(data.categories)
+def _category_names(data) -> Optional[list[str]]:
+    return list(data.categories) if data.has_manifests() else None
 
 
 def cli_main(args: Optional[list[str]] = None) -> FineRegionCLI:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from .config_utils import as_config, plain_hparams
-from .errors import check_finite_loss
+from .errors import BadInputError, check_finite_loss
 from .losses import attention_inside, mask_loss
 from .masking import DynamicMasking
 from .optim import adamw_with_schedule
@@ -42,7 +42,7 @@ class Stage1Module(L.LightningModule):
     def __init__(
         self,
         encoder: EncoderConfig = EncoderConfig(),
-        num_classes: int = 5,
+        num_classes: Optional[int] = 5,
         categories: Optional[list[str]] = None,
         masking: MaskingMode = "dynamic",
         dynamic: DynamicMasking = DynamicMasking(),
@@ -56,6 +56,8 @@ class Stage1Module(L.LightningModule):
         warmup_steps: int = 50,
     ):
         super().__init__()
+        if not num_classes:
+            raise BadInputError("Stage1Module needs `num_classes`: give data shards (`--data.data_dirs`) or `--model.num_classes`")
         self.save_hyperparameters()
         plain_hparams(self.hparams)
         self.dynamic = as_config(DynamicMasking, dynamic)

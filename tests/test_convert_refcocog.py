@@ -163,7 +163,7 @@ def test_datamodule_reads_the_shards(refcocog, tmp_path):
 
     refer_root, coco, records = unc_layout(tmp_path)
     assert run(refcocog, refer_root, coco, tmp_path / "out", "--dataset", "refcoco") == 0
-    dm = RegionDataModule(data_dirs=[str(tmp_path / "out")], image_size=64, batch_size=2, num_workers=0)
+    dm = RegionDataModule(data_dirs=[str(tmp_path / "out")], image_size=64, batch_size=1, num_workers=0)
     batch = next(iter(dm.train_dataloader()))
     scale = 64 / 640
     assert batch["images"].shape == (1, 3, 64, 64) and batch["image_ids"] == [581857]

@@ -263,6 +263,11 @@ class RegionDataModule(L.LightningDataModule):
         later set's new names (a name shared by two sets is one category)."""
         return joint_categories([m.get("categories", []) for m in self._category_manifests()])[0]
 
+    def has_manifests(self) -> bool:
+        """Whether any shard set has a split manifest (there are none when predicting on an image folder)."""
+        splits = (self.hparams.train_split, self.hparams.val_split, self.hparams.test_split, self.hparams.predict_split)
+        return any((Path(d) / s / "manifest.json").is_file() for d in self.data_dirs for s in splits)
+
     def _category_manifests(self) -> list[dict]:
         """One manifest per shard set to read categories from (the first split that exists)."""
         out = []
