@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .boxes import box_geometry
+from .boxes import box_geometry, sanitize_boxes
 from .checkpoints import load_stage1_weights, read_checkpoint
 from .config_utils import as_config, optional_config, plain_hparams
 from .errors import BadInputError, check_finite_loss
@@ -158,15 +159,21 @@ class Stage2Module(L.LightningModule):
         Returns the vision outputs, the ``(R, 2)`` ``(image, slot)`` index of each valid region and
         its ``(R, k + 1, d)`` prompt.
         """
-        boxes = batch["boxes"]
+        boxes, region_valid = batch["boxes"], batch["region_valid"]
         masking = self.hparams.masking
         if self.hparams.ignore_regions:
-            boxes, masking = whole_image_boxes(boxes, tuple(batch["images"].shape[-2:])), "none"
+            # the control: features and prompts see the whole image for every region, while the
+            # metrics (grounding IoU, predicted boxes) keep each region's real box
+            height, width = batch["images"].shape[-2:]
+            true_boxes, region_valid = sanitize_boxes(boxes, region_valid, width, height)
+            boxes, masking = whole_image_boxes(true_boxes, (height, width)), "none"
         segmentations = batch.get("segmentations") if self.hparams.use_segmentation and not self.hparams.ignore_regions else None
-        out = self.vision(batch["images"], boxes, batch["region_valid"], masking, self.dynamic, segmentations=segmentations)
+        out = self.vision(batch["images"], boxes, region_valid, masking, self.dynamic, segmentations=segmentations)
         index = out.region_valid.nonzero()
         b, n = index[:, 0], index[:, 1]
         prompts = self.prompt(out.regions.z[b, n], out.regions.context[b], region_geometry(batch, out, index))
+        if self.hparams.ignore_regions:
+            out = dataclasses.replace(out, boxes=true_boxes)
         return out, index, prompts
 
     def losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:

@@ -38,7 +38,7 @@ def test_predict_writes_one_jsonl_line_per_box_and_a_picture_per_image(vg_images
     folder, boxes_file, boxes = vg_images
     hparams = read_checkpoint(stage2_checkpoint)["hyper_parameters"]
     config = {"model": {"class_path": "fineregion_pl.Stage2Module", "init_args": {k: hparams[k] for k in ("language_model", "init_from", "prompt_tokens", "prompt_hidden", "max_new_tokens")}},
-              "trainer": {"accelerator": "cpu", "devices": 1, "logger": False}}
+              "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(tmp_path)}}
     (tmp_path / "predict.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     cli_main([

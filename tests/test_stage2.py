@@ -114,3 +114,20 @@ def test_consistency_gradient_through_the_lm_reaches_the_prompt(stage1_checkpoin
     losses["consistency_loss"].backward()
     grads = [p.grad for p in module.prompt.parameters() if p.grad is not None]
     assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_no_region_control_hides_the_regions_but_scores_against_their_real_boxes(stage1_checkpoint, tiny_lm, data):
+    module = make_stage2(stage1_checkpoint, tiny_lm, ignore_regions=True).eval()
+    batch = first_batch(data, "test")
+    with torch.no_grad():
+        out, index, prompts = module.encode(batch)
+    first_image = index[:, 0] == 0
+    assert first_image.sum() > 1
+    # every region of an image gets the same prompt: nothing tells the regions apart
+    assert torch.allclose(prompts[first_image], prompts[first_image][:1].expand_as(prompts[first_image]), atol=1e-5)
+    real = batch["boxes"][index[:, 0], index[:, 1]]
+    assert torch.allclose(out.boxes[index[:, 0], index[:, 1]], real.clamp(min=0, max=64), atol=1e-4)
+    outcomes = module.ground(batch, out, index, prompts)
+    hit = sum(h for h, _ in outcomes) / len(outcomes)
+    miou = sum(i for _, i in outcomes) / len(outcomes)
+    assert hit < 0.8 and miou < 0.8  # all candidates tie: credit is shared, not a free 1.0
