@@ -3,8 +3,9 @@
 Each row is a file ``configs/ablations/rows/<row>.yaml`` with a label, the tables it belongs to,
 and overlays of the base recipes ``configs/ablations/stage1.yaml`` / ``stage2.yaml``. For every
 row and seed: stage 1 (shared by rows whose stage-1 overlay is the same), stage 2 from it, test.
-Every run keeps its merged configs and ``results.json`` under ``WORKDIR/<row>/seed<k>/``; a run
-whose ``results.json`` exists is not run again, so an interrupted comparison continues.
+Every run keeps its merged configs, its log and ``results.json`` under ``WORKDIR/<row>/seed<k>/``;
+a finished run is not run again, so an interrupted comparison continues. Runs go side by side
+(``--jobs``, :mod:`fineregion_pl.run_queue`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Optional
 import yaml
 
 from .run_configs import CONFIGS, recipe, write_run_config
+from .run_queue import Run, run_all
 
 ROWS_DIR = CONFIGS / "ablations" / "rows"
 ROW_ORDER = ["global", "roi_align", "full", "no_masking", "no_dynamic", "static_prompts"]
@@ -57,29 +59,38 @@ def _key(overlay: dict) -> str:
     return hashlib.sha1(json.dumps(overlay, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def run_row(name: str, row: dict, seed: int, root: Path, data: Path, lm_dir: Path, stage1_steps: Optional[int], stage2_steps: Optional[int]) -> dict:
-    """Train and test one row with one seed (stage 1 reused when another row already made it)."""
-    from .cli import cli_main
+def plan_runs(
+    rows: dict[str, dict], seeds: list[int], root: Path, data: Path, lm_dir: Path,
+    stage1_steps: Optional[int], stage2_steps: Optional[int], overrides: Optional[dict] = None,
+) -> list[Run]:
+    """Write the configs of every run and list the runs, each stage 1 before the rows that use it.
 
-    run_dir = root / name / f"seed{seed}"
-    results_path = run_dir / "results.json"
-    if results_path.is_file():
-        return json.loads(results_path.read_text())
-    seed_arg = ["--seed_everything", str(seed)]
-    stage1_dir = root / "stage1" / f"{_key(row['stage1'])}-seed{seed}"
-    stage1_ckpt = stage1_dir / "checkpoints" / "last.ckpt"
-    if not stage1_ckpt.is_file():
-        config = write_run_config(recipe("ablations/stage1.yaml"), stage1_dir / "stage1.yaml", stage1_dir, data, overlay=row["stage1"], steps=stage1_steps)
-        cli_main(["fit", "--config", str(config)] + seed_arg)
-    overrides = {
-        "model.init_args.init_from": str(stage1_ckpt),
-        "model.init_args.language_model.name_or_path": str(lm_dir),
-        "model.init_args.results_dir": str(run_dir),
-    }
-    config = write_run_config(recipe("ablations/stage2.yaml"), run_dir / "stage2.yaml", run_dir, data, overlay=row["stage2"], overrides=overrides, steps=stage2_steps)
-    cli_main(["fit", "--config", str(config)] + seed_arg)
-    cli_main(["test", "--config", str(config), "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")] + seed_arg)
-    return json.loads(results_path.read_text())
+    A stage 1 is shared by the rows of one seed whose ``stage1`` overlays are equal; a row's run
+    is stage 2 from it, then ``test`` (which writes ``WORKDIR/<row>/seed<k>/results.json``).
+    """
+    overrides = overrides or {}
+    stage1_runs: dict[str, Run] = {}
+    stage2_runs: list[Run] = []
+    for seed in seeds:
+        seed_arg = ["--seed_everything", str(seed)]
+        for name, row in rows.items():
+            stage1_dir = root / "stage1" / f"{_key(row['stage1'])}-seed{seed}"
+            stage1_ckpt = stage1_dir / "checkpoints" / "last.ckpt"
+            stage1_name = f"stage1 {stage1_dir.name}"
+            if stage1_name not in stage1_runs:
+                config = write_run_config(recipe("ablations/stage1.yaml"), stage1_dir / "stage1.yaml", stage1_dir, data, overlay=row["stage1"], overrides=overrides, steps=stage1_steps)
+                stage1_runs[stage1_name] = Run(stage1_name, [["fit", "--config", str(config)] + seed_arg], stage1_dir / "finished", stage1_dir / "log.txt")
+            run_dir = root / name / f"seed{seed}"
+            paths = {
+                "model.init_args.init_from": str(stage1_ckpt),
+                "model.init_args.language_model.name_or_path": str(lm_dir),
+                "model.init_args.results_dir": str(run_dir),
+            }
+            config = write_run_config(recipe("ablations/stage2.yaml"), run_dir / "stage2.yaml", run_dir, data, overlay=row["stage2"], overrides={**overrides, **paths}, steps=stage2_steps)
+            commands = [["fit", "--config", str(config)] + seed_arg, ["test", "--config", str(config), "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")] + seed_arg]
+            stage2_runs.append(Run(f"{name} seed{seed}", commands, run_dir / "results.json", run_dir / "log.txt", after=stage1_name, mark_done=False))
+    needed = {run.after for run in stage2_runs if not run.done.is_file()}  # rows copied in by SLURM tasks need no stage 1
+    return [run for name, run in stage1_runs.items() if name in needed] + stage2_runs
 
 
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float, int]]]:
@@ -134,6 +145,7 @@ def ablations(
     stage1_steps: Optional[int] = None,
     stage2_steps: Optional[int] = None,
     lm_steps: int = 300,
+    jobs: int = 2,
 ) -> dict:
     """Run the comparison rows over seeds and write Table 1 and Table 2 (mean ± std).
 
@@ -145,6 +157,8 @@ def ablations(
         train_images, val_images, test_images: synthetic benchmark size (when it is made).
         stage1_steps, stage2_steps: override the base recipes' ``max_steps``.
         lm_steps: pretraining steps of the tiny LM.
+        jobs: runs side by side, each in its own process with ``cores // jobs`` threads
+            (1: one after the other, in this process).
     """
     from .quickstart import prepare_benchmark
 
@@ -152,10 +166,10 @@ def ablations(
     root = Path(workdir)
     definitions = load_rows(rows)
     data, lm_dir = prepare_benchmark(root, train_images, val_images, test_images, lm_steps, seed=0)
-    results: dict[str, list[dict]] = {name: [] for name in definitions}
-    for seed in seeds:
-        for name, row in definitions.items():
-            results[name].append(run_row(name, row, seed, root, data, lm_dir, stage1_steps, stage2_steps))
+    # side by side, each run gets its share of the cores and loads data in its own process
+    overrides = {"data.num_workers": 0} if jobs > 1 else {}
+    run_all(plan_runs(definitions, seeds, root, data, lm_dir, stage1_steps, stage2_steps, overrides), jobs=jobs)
+    results = {name: [json.loads((root / name / f"seed{seed}" / "results.json").read_text()) for seed in seeds] for name in definitions}
     summary = summarise(results)
     command = "fineregion-pl ablations " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["ablations"] else "fineregion-pl ablations"
     text = markdown_tables(definitions, summary, command.strip(), time.time() - started)
