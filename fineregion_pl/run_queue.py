@@ -53,7 +53,8 @@ def _finish(run: Run, started: float) -> None:
 
 
 def _threads_env(jobs: int) -> dict[str, str]:
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # a SLURM allocation, not the node
+    threads = str(max(1, cores // jobs))
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
