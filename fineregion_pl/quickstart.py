@@ -33,6 +33,7 @@ def quickstart(
     lm_steps: int = 300,
     seed: int = 0,
     control: bool = True,
+    pictures: int = 8,
 ) -> dict:
     """Run the whole pipeline on the built-in synthetic benchmark, on the CPU.
 
@@ -51,6 +52,8 @@ def quickstart(
         seed: seed of the benchmark, the tiny LM and both stages.
         control: also test the same model with every box replaced by the whole image
             (no region information) and report it beside the real result.
+        pictures: draw this many test images with every region's box and generated caption
+            (``WORKDIR/pictures/images/*.png``; 0: none).
     """
     from .cli import cli_main
     from .evaluation.report import results_table, write_results
@@ -77,6 +80,9 @@ def quickstart(
     stage2_ckpt = root / "stage2" / "checkpoints" / "last.ckpt"
     cli_main(["test", "--config", str(stage2), "--ckpt_path", str(stage2_ckpt)] + seed_arg)
     results = json.loads((root / "results.json").read_text())
+    if pictures > 0:
+        cli_main(["predict", "--config", str(stage2), "--ckpt_path", str(stage2_ckpt), "--trainer.limit_predict_batches", "1",
+                  "--data.eval_batch_size", str(pictures), "--writer.output_dir", str(root / "pictures"), "--writer.draw", "true"] + seed_arg)
 
     if control:
         control_dir = root / "no_region_control"
@@ -94,4 +100,6 @@ def quickstart(
     write_results(results, root, title="Quickstart results (synthetic benchmark, test split)")
     print(f"\nQuickstart results (synthetic test split, {results['caption']['regions']} regions)\n\n{results_table(results)}\n")
     print(f"results: {root / 'results.json'}  ({results['run']['seconds']:.0f} s)")
+    if pictures > 0:
+        print(f"pictures of test images with their regions and captions: {root / 'pictures' / 'images'}")
     return results

@@ -60,3 +60,7 @@ def test_quickstart_runs_end_to_end_at_tiny_size(tmp_path):
     assert (workdir / "stage1" / "checkpoints" / "last.ckpt").is_file()
     assert (workdir / "configs" / "stage2.yaml").is_file()
     assert "| classification | accuracy |" in out.stdout
+    pictures = sorted((workdir / "pictures" / "images").glob("*.png"))
+    assert len(pictures) == 8  # the default: the first 8 test images, regions and captions drawn
+    drawn = [json.loads(line) for line in (workdir / "pictures" / "predictions.jsonl").read_text().splitlines()]
+    assert {row["image_id"] for row in drawn} == {p.stem for p in pictures}
