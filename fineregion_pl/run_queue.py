@@ -90,6 +90,8 @@ def run_all(runs: list[Run], jobs: int = 1) -> list[Run]:
             report(run)
         return completed
 
+    # fewer runs than jobs to start with (one row, one seed): fewer, wider processes
+    jobs = min(jobs, max(1, sum(1 for run in todo if not run.after or run.after in finished)))
     env = _threads_env(jobs)
     running: dict[str, tuple[Run, subprocess.Popen, float, list[list[str]]]] = {}
     try:
