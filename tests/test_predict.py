@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
 
+from convert_helpers import VG, need_fixtures
+
 from fineregion_pl.checkpoints import read_checkpoint
 from fineregion_pl.cli import cli_main
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "visual_genome"
 FIELDS = {"image_id", "region_id", "box", "caption", "category_id", "category", "score"}
 
 
 @pytest.fixture
 def vg_images(tmp_path):
     """Placeholder images of the fixtures' sizes, and the first regions of each as a boxes file."""
-    images = json.loads((FIXTURES / "image_data.json").read_text())
-    regions = json.loads((FIXTURES / "region_descriptions_v1.2.json").read_text())
+    need_fixtures()
+    images = json.loads((VG / "image_data.json").read_text())
+    regions = json.loads((VG / "region_descriptions_v1.2.json").read_text())
     folder = tmp_path / "images"
     folder.mkdir()
     boxes = {}
