@@ -59,6 +59,11 @@ def _key(overlay: dict) -> str:
     return hashlib.sha1(json.dumps(overlay, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def row_dir(root: Path, name: str, seed: int) -> Path:
+    """Where a row's run with one seed keeps its configs, log, checkpoints and ``results.json``."""
+    return root / name / f"seed{seed}"
+
+
 def plan_runs(
     rows: dict[str, dict], seeds: list[int], root: Path, data: Path, lm_dir: Path,
     stage1_steps: Optional[int], stage2_steps: Optional[int], overrides: Optional[dict] = None,
@@ -80,7 +85,7 @@ def plan_runs(
             if stage1_name not in stage1_runs:
                 config = write_run_config(recipe("ablations/stage1.yaml"), stage1_dir / "stage1.yaml", stage1_dir, data, overlay=row["stage1"], overrides=overrides, steps=stage1_steps)
                 stage1_runs[stage1_name] = Run(stage1_name, [["fit", "--config", str(config)] + seed_arg], stage1_dir / "finished", stage1_dir / "log.txt")
-            run_dir = root / name / f"seed{seed}"
+            run_dir = row_dir(root, name, seed)
             paths = {
                 "model.init_args.init_from": str(stage1_ckpt),
                 "model.init_args.language_model.name_or_path": str(lm_dir),
@@ -169,7 +174,7 @@ def ablations(
     # side by side, each run gets its share of the cores and loads data in its own process
     overrides = {"data.num_workers": 0} if jobs > 1 else {}
     run_all(plan_runs(definitions, seeds, root, data, lm_dir, stage1_steps, stage2_steps, overrides), jobs=jobs)
-    results = {name: [json.loads((root / name / f"seed{seed}" / "results.json").read_text()) for seed in seeds] for name in definitions}
+    results = {name: [json.loads((row_dir(root, name, seed) / "results.json").read_text()) for seed in seeds] for name in definitions}
     summary = summarise(results)
     command = "fineregion-pl ablations " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["ablations"] else "fineregion-pl ablations"
     text = markdown_tables(definitions, summary, command.strip(), time.time() - started)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -162,19 +161,23 @@ class Stage2Module(L.LightningModule):
         boxes, region_valid = batch["boxes"], batch["region_valid"]
         masking = self.hparams.masking
         if self.hparams.ignore_regions:
-            # the control: features and prompts see the whole image for every region, while the
-            # metrics (grounding IoU, predicted boxes) keep each region's real box
-            height, width = batch["images"].shape[-2:]
-            true_boxes, region_valid = sanitize_boxes(boxes, region_valid, width, height)
-            boxes, masking = whole_image_boxes(true_boxes, (height, width)), "none"
+            # the control: features and prompts (pair tokens too) see the whole image for every
+            # region; predicted boxes and grounding IoU use the real boxes (``reported_boxes``)
+            boxes, region_valid = self.reported_boxes(batch)
+            boxes, masking = whole_image_boxes(boxes, tuple(batch["images"].shape[-2:])), "none"
         segmentations = batch.get("segmentations") if self.hparams.use_segmentation and not self.hparams.ignore_regions else None
         out = self.vision(batch["images"], boxes, region_valid, masking, self.dynamic, segmentations=segmentations)
         index = out.region_valid.nonzero()
         b, n = index[:, 0], index[:, 1]
         prompts = self.prompt(out.regions.z[b, n], out.regions.context[b], region_geometry(batch, out, index))
-        if self.hparams.ignore_regions:
-            out = dataclasses.replace(out, boxes=true_boxes)
         return out, index, prompts
+
+    @staticmethod
+    def reported_boxes(batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """The batch's boxes as the model input's sanitised ``(boxes, region_valid)``: what predictions
+        and grounding report, also in the no-region control, where the model saw other boxes."""
+        height, width = batch["images"].shape[-2:]
+        return sanitize_boxes(batch["boxes"], batch["region_valid"], width, height)
 
     def losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """All stage-2 losses of a batch (each logged; ``loss`` is the weighted sum)."""
@@ -239,6 +242,7 @@ class Stage2Module(L.LightningModule):
         for start in range(0, prompts.shape[0], step):
             captions += self.language.generate(prompts[start : start + step], self.hparams.max_new_tokens, self.hparams.num_beams)
         probs = out.logits.float().softmax(-1)
+        boxes = self.reported_boxes(batch)[0]
         names = self.hparams.categories
         rows = []
         for (b, n), caption in zip(index.tolist(), captions):
@@ -247,7 +251,7 @@ class Stage2Module(L.LightningModule):
             rows.append({
                 "image_id": batch["image_ids"][b],
                 "region_id": batch["region_ids"][b][n],
-                "box": [round(float(v) / scale, 2) for v in out.boxes[b, n]],
+                "box": [round(float(v) / scale, 2) for v in boxes[b, n]],
                 "caption": caption,
                 "category_id": int(cls),
                 "category": names[int(cls)] if names else None,
@@ -261,12 +265,13 @@ class Stage2Module(L.LightningModule):
         rows, expressions = referring_targets(batch, index, training=False)
         outcomes = []
         image_of = index[:, 0]
+        real = self.reported_boxes(batch)[0]
         for row, expression in zip(rows, expressions):
             candidates = (image_of == image_of[row]).nonzero().flatten()
             scores = self.language.log_likelihood(prompts[candidates], [expression] * len(candidates), "referring")
             b, n = index[row].tolist()
-            boxes = out.boxes[image_of[candidates], index[candidates, 1]]
-            outcomes.append(grounding_outcome(scores, boxes, out.boxes[b, n]))
+            boxes = real[image_of[candidates], index[candidates, 1]]
+            outcomes.append(grounding_outcome(scores, boxes, real[b, n]))
         return outcomes
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ from conftest import tiny_trainer
 from learning import LossRecorder, first_batch, fixed_batch_loader
 
 from fineregion_pl import RegionDataModule, Stage2Module
+from fineregion_pl.stage2 import spatial_pairs
 from fineregion_pl.checkpoints import read_checkpoint
 from fineregion_pl.errors import BadInputError
 from fineregion_pl.language import LanguageModelConfig, LoraSettings
@@ -126,7 +127,15 @@ def test_no_region_control_hides_the_regions_but_scores_against_their_real_boxes
     # every region of an image gets the same prompt: nothing tells the regions apart
     assert torch.allclose(prompts[first_image], prompts[first_image][:1].expand_as(prompts[first_image]), atol=1e-5)
     real = batch["boxes"][index[:, 0], index[:, 1]]
-    assert torch.allclose(out.boxes[index[:, 0], index[:, 1]], real.clamp(min=0, max=64), atol=1e-4)
+    assert torch.allclose(module.reported_boxes(batch)[0][index[:, 0], index[:, 1]], real.clamp(min=0, max=64), atol=1e-4)
+    rows = module.describe(batch, (out, index, prompts))
+    assert torch.allclose(torch.tensor([r["box"] for r in rows[:3]]), real[:3].clamp(min=0, max=64) / batch["scales"][index[:3, 0], None], atol=0.05)
+    # spatial questions: the pair token sees the whole image too, not the real boxes
+    first, second, _ = spatial_pairs(batch, index)
+    assert first, "the test batch should hold spatial questions"
+    pair_prompts = module.question_prompts(batch, out, index, prompts, first, second)[1]
+    same_image = [k for k, f in enumerate(first) if index[f, 0] == index[first[0], 0]]
+    assert torch.allclose(pair_prompts[same_image], pair_prompts[same_image[:1]].expand_as(pair_prompts[same_image]), atol=1e-5)
     outcomes = module.ground(batch, out, index, prompts)
     hit = sum(h for h, _ in outcomes) / len(outcomes)
     miou = sum(i for _, i in outcomes) / len(outcomes)
