@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from benchmarks import measure_interleaved, median, median_ratio, row  # noqa: E402
 from fineregion_pl.data.datamodule import RegionDataModule  # noqa: E402
 from fineregion_pl.data.synthetic import write_synthetic  # noqa: E402
-from fineregion_pl.data.transforms import collate_regions, to_region_sample  # noqa: E402
+from fineregion_pl.model.transforms import collate_regions, to_region_sample  # noqa: E402
 
 TARGET = 0.8
 
@@ -91,7 +91,7 @@ def run(quick: bool = False) -> list[dict]:
         for workers in (1, 2):
             data = RegionDataModule([tmp], image_size=image_size, batch_size=batch_size, num_workers=workers, max_regions=max_regions)
             ours = Epoch(data.train_dataloader)
-            raw = Epoch(lambda: raw_loader(shards, batch_size, image_size, max_regions, workers))
+            raw = Epoch(lambda w=workers: raw_loader(shards, batch_size, image_size, max_regions, w))
             rates = measure_interleaved({"ours": ours, "raw": raw}, rounds=rounds, warmup=0 if quick else 1)
             ratio = median_ratio(rates["ours"], rates["raw"])
             per_round = [o / r for o, r in zip(rates["ours"], rates["raw"])]

@@ -37,8 +37,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks import median, median_ratio, row, time_interleaved  # noqa: E402
-from fineregion_pl.language import LanguageModelConfig, LoraSettings, RegionLanguageModel  # noqa: E402
-from fineregion_pl.tiny_lm import build_tiny_lm, synthetic_pretraining_texts  # noqa: E402
+from fineregion_pl.model.language_model import LanguageModelConfig, LoraSettings, RegionLanguageModel  # noqa: E402
+from fineregion_pl.train.tiny_lm import build_tiny_lm, synthetic_pretraining_texts  # noqa: E402
 
 try:  # transformers' loading progress bars would clutter the runner's output
     from transformers.utils import logging as _hf_logging

@@ -1,14 +1,16 @@
 """Framework overhead: a stage-2 training step through the Lightning Trainer against a plain loop.
 
 The same ``Stage2Module`` (built once: the quickstart's encoder from an untrained stage-1
-checkpoint, a tiny Llama with LoRA ``all-linear`` r 8, the quickstart's stage-2 settings: adaptive
-prompt, 4 soft tokens, consistency, referring and spatial losses on) trains on the same fixed
-batch (8 synthetic images of 128 px, ``max_regions`` 8: half the quickstart's batch, so the
-framework's fixed per-step cost weighs more, and the benchmark takes minutes) three ways:
+checkpoint, a tiny Llama with LoRA, and every other setting from ``configs/quickstart/stage2.yaml``'s
+``model.init_args``: adaptive prompt, 4 soft tokens, consistency, referring, spatial and
+classification losses on, LoRA ``all-linear`` r 8) trains on the same fixed batch (8 synthetic
+images of 128 px, ``max_regions`` 8: half the quickstart's batch, so the framework's fixed
+per-step cost weighs more, and the benchmark takes minutes) three ways:
 
 - **plain loop**: ``loss = module.losses(batch)["loss"]; optimizer.zero_grad(); loss.backward();
   optimizer.step(); scheduler.step()`` with the optimizer and schedule ``configure_optimizers``
-  builds (AdamW over the same three parameter groups and learning rates, warm-up + cosine);
+  builds (``adamw_with_schedule`` over the same three parameter groups and learning rates,
+  warm-up + cosine; checked against the Trainer's optimizer after each Trainer run);
 - **Trainer, lean**: ``Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False,
   enable_model_summary=False)``, the batch repeated by a ``DataLoader``; what the step runs is
   the module's ``training_step`` (``losses`` + finite-loss check + ``log_dict`` of the losses);
@@ -16,6 +18,12 @@ framework's fixed per-step cost weighs more, and the benchmark takes minutes) th
   5, so logging happens inside the timed steps), model summary and the default checkpointing
   (written after the last step, outside the timed steps). The progress bar writes to a string
   buffer, not a terminal.
+
+What every step runs is the package's training path: ``Stage2Module.losses`` ->
+``RegionCaptioner.losses`` -> ``RegionCaptioner.encode`` (``RegionVisionModel.forward``, then
+``RegionPrompt``), ``RegionLanguageModel.text_loss`` for captions, referring expressions and
+spatial questions (``RegionCaptioner.question_prompts``: the second region's prompt plus the pair
+token), ``consistency_loss``, the category cross-entropy; then ``backward`` and the AdamW step.
 
 Per-step time is steady state: in the Trainer, the interval between consecutive
 ``on_train_batch_start`` calls (a callback), i.e. the whole step, hooks, logging and fetching the
@@ -49,12 +57,13 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from benchmarks import measure_interleaved, median, median_ratio, row  # noqa: E402
-from benchmarks.bench_vision import quickstart_encoder  # noqa: E402
+from benchmarks.bench_vision import quickstart_encoder, quickstart_init_args  # noqa: E402
 from fineregion_pl import RegionDataModule, Stage1Module, Stage2Module  # noqa: E402
 from fineregion_pl.data.synthetic import SHAPES, SyntheticConfig, write_synthetic  # noqa: E402
-from fineregion_pl.language import LanguageModelConfig, LoraSettings  # noqa: E402
-from fineregion_pl.optim import adamw_with_schedule  # noqa: E402
-from fineregion_pl.tiny_lm import build_tiny_lm, synthetic_pretraining_texts  # noqa: E402
+from fineregion_pl.model.config import as_config  # noqa: E402
+from fineregion_pl.model.language_model import LanguageModelConfig  # noqa: E402
+from fineregion_pl.train.optim import adamw_with_schedule  # noqa: E402
+from fineregion_pl.train.tiny_lm import build_tiny_lm, synthetic_pretraining_texts  # noqa: E402
 
 try:
     from transformers.utils import logging as _hf_logging
@@ -87,12 +96,30 @@ def optimizer_like_module(module: Stage2Module, total_steps: int):
     """What ``Stage2Module.configure_optimizers`` returns, built without a Trainer."""
     hp = module.hparams
     groups = [
-        {"params": list(module.prompt.parameters()), "lr": hp.lr},
-        {"params": list(module.language.parameters()), "lr": hp.lora_lr or hp.lr},
-        {"params": list(module.vision.parameters()), "lr": hp.encoder_lr},
+        {"params": list(module.model.prompt.parameters()), "lr": hp.lr},
+        {"params": list(module.model.language.parameters()), "lr": hp.lora_lr or hp.lr},
+        {"params": list(module.model.vision.parameters()), "lr": hp.encoder_lr},
     ]
     config = adamw_with_schedule(groups, hp.weight_decay, hp.warmup_steps, total_steps)
     return config["optimizer"], config["lr_scheduler"]["scheduler"]
+
+
+def check_same_optimizer(ours: torch.optim.Optimizer, trainers: torch.optim.Optimizer) -> None:
+    """The plain loop's optimizer has the parameter groups, learning rates and weight decay of the one
+    ``configure_optimizers`` gave the Trainer (so the loop runs the same step)."""
+    def groups(optimizer):
+        return [(type(optimizer).__name__, [id(p) for p in g["params"]], g.get("initial_lr", g["lr"]), g["weight_decay"])
+                for g in optimizer.param_groups]
+
+    if groups(ours) != groups(trainers):
+        raise AssertionError("bench_stage2_step: optimizer_like_module no longer matches Stage2Module.configure_optimizers")
+
+
+def stage2_settings(lm_dir: Path, ckpt: Path) -> dict:
+    """``Stage2Module`` arguments: ``configs/quickstart/stage2.yaml``'s, with this run's LM and stage-1 checkpoint."""
+    settings = dict(quickstart_init_args("stage2"), init_from=str(ckpt), results_dir=None)
+    settings["language_model"] = as_config(LanguageModelConfig, dict(settings["language_model"], name_or_path=str(lm_dir)))
+    return settings
 
 
 def build(tmp: Path, quick: bool) -> tuple[Stage2Module, dict, str]:
@@ -114,11 +141,7 @@ def build(tmp: Path, quick: bool) -> tuple[Stage2Module, dict, str]:
     write_synthetic(tmp / "data", {"train": 2 * batch_size}, seed=0, shard_size=2 * batch_size, config=config, progress=False)
     data = RegionDataModule([str(tmp / "data")], image_size=size, batch_size=batch_size, num_workers=0, max_regions=8)
     batch = next(iter(data.train_dataloader()))
-    lm = LanguageModelConfig(name_or_path=str(lm_dir), lora=LoraSettings(r=8, alpha=16, dropout=0.0, target_modules="all-linear"))
-    module = Stage2Module(
-        language_model=lm, init_from=str(ckpt), prompt_tokens=4, prompt_hidden=256, consistency_weight=0.01,
-        referring_weight=0.5, spatial_weight=0.5, lr=0.002, lora_lr=0.002, encoder_lr=0.0003, warmup_steps=30,
-    )
+    module = Stage2Module(**stage2_settings(lm_dir, ckpt))
     module.configure_model()
     regions = int(batch["region_valid"].sum())
     sizes = (f"{batch_size} images of {size} px, {regions} regions, tiny Llama hidden {32 if quick else 128} with LoRA, "
@@ -162,9 +185,11 @@ def run(quick: bool = False) -> list[dict]:
             try:
                 with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
                     warnings.simplefilter("ignore")
-                    L.Trainer(**common, **kwargs).fit(module, train_dataloaders=loader)
+                    fitted = L.Trainer(**common, **kwargs)
+                    fitted.fit(module, train_dataloaders=loader)
             finally:
                 quiet.setLevel(level)
+            check_same_optimizer(optimizer_like_module(module, total)[0], fitted.optimizers[0])
             return steady_step_time(timer.starts, warmup, steps)
 
         times = measure_interleaved({"plain": plain, "lean": lambda: trainer(False), "defaults": lambda: trainer(True)}, rounds=rounds)

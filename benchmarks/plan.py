@@ -2,26 +2,42 @@
 
     python benchmarks/plan.py               # prints the tables and their assumptions
     python benchmarks/plan.py --markdown    # also writes docs/plan.md
+    python benchmarks/plan.py --llm Qwen/Qwen2.5-0.5B-Instruct   # another LM of LLM_CONFIGS in the recipe's place
 
-Nothing here is timed: the models of ``configs/stage2.yaml`` (and ``configs/stage1.yaml``) are built
-on the ``meta`` device (shapes, no weights, no memory) and run once:
+Nothing here is timed. The package's own modules are built on the ``meta`` device (shapes, no
+weights, no memory) from the recipes, ``configs/stage2.yaml`` and ``configs/stage1.yaml``:
 
-- FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` around one training step of one per-GPU
-  batch (forward, then ``backward``). It counts matmuls, convolutions and attention (2 FLOPs per
-  multiply-add), not element-wise ops. The backward is counted, not assumed: autograd computes
-  only the gradients something needs, so frozen weights (the LM's base weights under LoRA, the
-  Swin's frozen first stage) get no weight-gradient matmuls, and the LM's backward is about 1x
-  its forward (input gradients, plus the small LoRA weight gradients) instead of the 2x of full
-  fine-tuning. Gradient checkpointing recomputes the forward of every checkpointed block that has
-  something to train (the LM's decoder layers, the trainable Swin stages): counted separately,
-  from the per-module forward counts.
+- stage 2: ``Stage2Module(**model.init_args)`` (so the parts it freezes are frozen), holding a
+  ``RegionCaptioner`` (``RegionVisionModel`` with the stage-1 recipe's encoder, ``RegionPrompt``,
+  ``RegionLanguageModel``). The LM is built as ``load_language_model`` builds it, with
+  ``transformers.AutoModelForCausalLM.from_config`` of a hand-written config of the named model
+  in place of ``from_pretrained`` (the hub is not reachable here), then peft LoRA with the
+  recipe's settings; ``RegionLanguageModel.__init__`` itself runs, with that builder in place of
+  its loader;
+- stage 1: ``Stage1Module(**model.init_args)``.
+
+One training step of one per-GPU batch then runs through the package's functions (see
+:func:`stage2_terms`: ``RegionCaptioner.encode``, ``RegionLanguageModel.text_loss`` for captions,
+referring expressions and spatial questions with ``RegionCaptioner.question_prompts`` and its pair
+token, ``consistency_loss``, ``mask_loss``, weighted as ``Stage2Module.losses`` weights them), then
+``backward``:
+
+- FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` around the step (forward, then
+  ``backward``). It counts matmuls, convolutions and attention (2 FLOPs per multiply-add), not
+  element-wise ops. The backward is counted, not assumed: autograd computes only the gradients
+  something needs, so frozen weights (the LM's base weights under LoRA, the Swin's frozen first
+  stage) get no weight-gradient matmuls, and the LM's backward is about 1x its forward (input
+  gradients, plus the small LoRA weight gradients) instead of the 2x of full fine-tuning.
+  Gradient checkpointing recomputes the forward of every checkpointed block that has something to
+  train (the LM's decoder layers, the trainable Swin stages): counted separately, from the
+  per-module forward counts.
 - Activation memory: ``torch.autograd.graph.saved_tensors_hooks`` over the same step records every
   tensor autograd saves for backward (parameters excluded; views counted once, at their base's
   size), attributed to the checkpointed block it was saved in. With checkpointing a block keeps
   only its input, and one block's saved tensors exist at a time during backward, so activations
   = saved outside blocks + block inputs + the largest block's saved tensors.
+- Parameters: counted from the same modules (``requires_grad`` as ``Stage2Module`` leaves it).
 
-The LLM is built from a hand-written config of the named model (the hub is not reachable here).
 The data sizes (images, regions, text lengths) are stated with their sources or as assumptions.
 """
 
@@ -29,19 +45,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM, bf16 dense (no sparsity)
@@ -50,15 +68,25 @@ DEFAULT_MFU = 0.40
 GPU_COUNTS = (8, 32, 128)
 NVLINK_BW = 350e9  # bytes/s per GPU a collective achieves inside an 8-GPU NVLink node (assumed)
 INTERNODE_BW = 50e9  # bytes/s per GPU across nodes: one 400 Gb/s NIC per GPU (assumed)
+CUDA_SLACK = 2e9  # bytes per GPU for the CUDA context and allocator slack (assumed)
 
-# Hand-written configs of the models the recipes name (values from the models' config.json).
+# Hand-written configs of the models the recipes name (values from the models' config.json);
+# `family` is the transformers model type, `bos_token` whether the tokenizer puts a BOS first.
+QWEN25_7B = dict(
+    family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, bos_token=False,
+)
+QWEN25_05B = dict(
+    family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, bos_token=False,
+)
 LLM_CONFIGS = {
-    "Qwen/Qwen2.5-7B-Instruct": dict(
-        family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, bos_token=False,
-    ),
+    "Qwen/Qwen2.5-7B-Instruct": QWEN25_7B,
+    "Qwen/Qwen2.5-7B": QWEN25_7B,
+    "Qwen/Qwen2.5-0.5B-Instruct": QWEN25_05B,
+    "Qwen/Qwen2.5-0.5B": QWEN25_05B,
 }
-LLM_CONFIGS["Qwen/Qwen2.5-7B"] = LLM_CONFIGS["Qwen/Qwen2.5-7B-Instruct"]
+SMALL_LLM = "Qwen/Qwen2.5-0.5B-Instruct"  # the one-process table's second row
 
 
 @dataclass
@@ -96,46 +124,118 @@ def template_pieces(template: str) -> list[int]:
     return [len(re.findall(r"\w+|[^\w\s]", piece)) for piece in template.split("{region}")]
 
 
-# ---------------------------------------------------------------------------- meta-device models
+# ---------------------------------------------------------------------------- the package's modules on the meta device
+
+FILLER = "word"  # the one word of every target text (one token each: see word_tokenizer)
 
 
-def build_llm(name: str, lora: dict, gradient_checkpointing: bool):
-    """The LLM of the named config on the meta device, in bf16, with peft LoRA as ``load_language_model`` applies it."""
+def llm_config(name: str):
+    """The transformers config of a model of :data:`LLM_CONFIGS`."""
     import transformers
-    from peft import LoraConfig, TaskType, get_peft_model
 
     if name not in LLM_CONFIGS:
         raise SystemExit(f"plan.py: no hand-written config for {name!r}; add it to LLM_CONFIGS (known: {sorted(LLM_CONFIGS)})")
-    spec = dict(LLM_CONFIGS[name])
-    spec.pop("bos_token")
-    family = spec.pop("family")
-    config = {"qwen2": transformers.Qwen2Config}[family](**spec, max_position_embeddings=32768)
+    spec = {k: v for k, v in LLM_CONFIGS[name].items() if k not in ("family", "bos_token")}
+    return transformers.AutoConfig.for_model(LLM_CONFIGS[name]["family"], **spec, max_position_embeddings=32768)
+
+
+def word_tokenizer(config, bos: bool):
+    """A word-level tokenizer of the templates and :data:`FILLER` (the model's own cannot be downloaded):
+    one token per word or punctuation mark, as :func:`template_pieces` counts; a BOS only if the LM has one."""
+    from fineregion_pl.train.tiny_lm import train_word_tokenizer
+
+    tokenizer = train_word_tokenizer([config.caption_template, config.referring_template, config.question_template, FILLER])
+    if not bos:
+        tokenizer.bos_token = None
+    return tokenizer
+
+
+def from_config_loader(name: str, dtype: torch.dtype) -> Callable:
+    """What ``load_language_model`` does, with the LM built from its config instead of downloaded.
+
+    ``AutoModelForCausalLM.from_config`` (in the current device context: meta), ``train()``, peft
+    LoRA from ``config.lora`` exactly as ``load_language_model`` sets it up. Two differences, both
+    for the meta device: eager attention (sdpa's mask check reads the mask's values; the attention
+    FLOPs are the same), and gradient checkpointing is not switched on but modelled (:class:`StepCount`).
+    """
+
+    def load(config) -> tuple[torch.nn.Module, Any, bool]:
+        import transformers
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = transformers.AutoModelForCausalLM.from_config(llm_config(name), dtype=dtype, attn_implementation="eager")
+        model.train()
+        tokenizer = word_tokenizer(config, LLM_CONFIGS[name]["bos_token"])
+        if config.lora.enabled:
+            lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                              target_modules=config.lora.target_modules, task_type=TaskType.CAUSAL_LM)
+            model = get_peft_model(model, lora)
+        return model.to(dtype), tokenizer, False
+
+    return load
+
+
+def encoder_args(s1: dict) -> dict:
+    """The stage-1 recipe's encoder, random-init (no download) and without running checkpointing (it is modelled)."""
+    return dict(s1["model"]["init_args"]["encoder"], pretrained=False, grad_checkpointing=False)
+
+
+def build_stage2(s1: dict, s2: dict, num_classes: int, llm_name: str, dtype: torch.dtype):
+    """``Stage2Module`` of the stage-2 recipe on the meta device, its ``RegionCaptioner`` complete.
+
+    The vision side is the stage-1 recipe's (what ``init_from`` would bring). The language model:
+    ``RegionLanguageModel(config)`` with :func:`from_config_loader` in place of ``load_language_model``;
+    the prompt as ``RegionCaptioner.build_language`` makes it, except its ``embed_scale`` (the LM's
+    embedding RMS, a value meta weights do not have), which changes no shape.
+    """
+    from fineregion_pl.model import language_model
+    from fineregion_pl.model.region_prompt import RegionPrompt
+    from fineregion_pl.train.stage2 import Stage2Module
+
+    stage1 = s1["model"]["init_args"]
+    args = copy.deepcopy(s2["model"]["init_args"])
+    args["language_model"]["name_or_path"] = llm_name
+    args.update(init_from=None, results_dir=None, encoder=encoder_args(s1), num_classes=num_classes,
+                head_hidden=stage1.get("head_hidden", 256), attn_dim=stage1.get("attn_dim", 64))
     with torch.device("meta"):
-        model = {"qwen2": transformers.Qwen2ForCausalLM}[family](config)
-    model = model.to(torch.bfloat16)
-    if lora.get("enabled", True):
-        settings = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                              target_modules=lora.get("target_modules"), task_type=TaskType.CAUSAL_LM)
-        with torch.device("meta"):
-            model = get_peft_model(model, settings)
-        model = model.to(torch.bfloat16)  # DeepSpeed bf16 runs every weight in bf16 (fp32 master copies in the optimizer)
-    return model, config
+        module = Stage2Module(**args)
+        captioner, cfg = module.model, module.model.config
+        with mock.patch.object(language_model, "load_language_model", from_config_loader(llm_name, dtype)):
+            language = language_model.RegionLanguageModel(cfg.language_model)
+        prompt = RegionPrompt(captioner.vision.out_dim, language.hidden_size, cfg.prompt_tokens, cfg.prompt_mode, cfg.prompt_hidden)
+    captioner._modules["language"], captioner._modules["prompt"] = language, prompt  # as build_language registers them
+    return module.to(dtype).train()
 
 
-def build_vision(encoder: dict, num_classes: int, head_hidden: int, attn_dim: int, train_attention: bool, freeze_encoder: bool):
-    from fineregion_pl.region_model import RegionVisionModel
-    from fineregion_pl.vision import EncoderConfig
+def build_stage1(s1: dict, num_classes: int, dtype: torch.dtype):
+    """``Stage1Module`` of the stage-1 recipe on the meta device."""
+    from fineregion_pl.train.stage1 import Stage1Module
 
-    fields = {k: v for k, v in encoder.items() if k in EncoderConfig.__dataclass_fields__}
-    fields.update(pretrained=False, grad_checkpointing=False)  # checkpointing is modelled, not run
+    args = dict(s1["model"]["init_args"], encoder=encoder_args(s1), num_classes=num_classes)
     with torch.device("meta"):
-        vision = RegionVisionModel(EncoderConfig(**fields), num_classes, head_hidden, attn_dim)
-    vision = vision.to(torch.bfloat16)
-    vision.head.requires_grad_(False)  # as Stage2Module: the category head is stage 1's
-    vision.attention.requires_grad_(train_attention)
-    if freeze_encoder:
-        vision.encoder.requires_grad_(False)
-    return vision
+        module = Stage1Module(**args)
+    return module.to(dtype).train()
+
+
+def meta_nonzero():
+    """``nonzero`` on meta tensors, as if every element were non-zero (torch's own switch for it)."""
+    from torch.fx.experimental import _config
+
+    return _config.patch(meta_nonzero_assume_all_nonzero=True)
+
+
+def meta_inputs(images: int, max_regions: int, image_size: int, dtype: torch.dtype) -> dict:
+    """What ``RegionCaptioner.encode`` / ``Stage1Module.forward`` read of a collated batch, as meta tensors."""
+    return {
+        "images": torch.empty(images, 3, image_size, image_size, device="meta", dtype=dtype),
+        "boxes": torch.empty(images, max_regions, 4, device="meta", dtype=dtype),
+        "region_valid": torch.ones(images, max_regions, dtype=torch.bool, device="meta"),
+    }
+
+
+def filler_texts(rows: int, tokens: int) -> list[str]:
+    """``rows`` target texts of ``tokens`` tokens with the EOS (every call is padded to its longest)."""
+    return [" ".join([FILLER] * (tokens - 1))] * rows
 
 
 # ---------------------------------------------------------------------------- measuring one step
@@ -238,6 +338,7 @@ def measure_step(modules: list[torch.nn.Module], step: Callable[[], torch.Tensor
     return count
 
 
+
 # ---------------------------------------------------------------------------- the stage-2 plan
 
 
@@ -258,7 +359,12 @@ class Batch:
     padded_tokens: float
 
 
-def stage2_batch(s2: dict, datasets: list[Dataset], weights: list[float]) -> Batch:
+def stage2_batch(s2: dict, datasets: list[Dataset], weights: list[float], llm_name: Optional[str] = None) -> Batch:
+    """Rows and padded lengths of the LM calls of one per-GPU batch of the stage-2 recipe.
+
+    A call's context is its template's pieces, a BOS when the LM has one, and ``k + 1`` soft tokens
+    per region slot; the question's second slot also gets the pair token (adaptive prompts).
+    """
     model = s2["model"]["init_args"]
     lm = model["language_model"]
     data = s2["data"]
@@ -267,10 +373,11 @@ def stage2_batch(s2: dict, datasets: list[Dataset], weights: list[float]) -> Bat
     regions = [images * s * min(d.regions_per_image, max_regions) for d, s in zip(datasets, share)]
     referring_rows = sum(r for r, d in zip(regions, datasets) if d.referring) if model.get("referring_weight", 0) > 0 else 0
     question_rows = sum(images * s * d.questions_per_image for d, s in zip(datasets, share)) if model.get("spatial_weight", 0) > 0 else 0
-    bos = 1 if LLM_CONFIGS[lm["name_or_path"]]["bos_token"] else 0
+    bos = 1 if LLM_CONFIGS[llm_name or lm["name_or_path"]]["bos_token"] else 0
+    pair = 1 if model.get("prompt_mode", "adaptive") == "adaptive" else 0
     caption_ctx = sum(template_pieces(lm["caption_template"])) + k + bos
     referring_ctx = sum(template_pieces(lm["referring_template"])) + k + bos
-    question_ctx = sum(template_pieces(lm["question_template"])) + 2 * k + bos
+    question_ctx = sum(template_pieces(lm["question_template"])) + 2 * k + pair + bos
     rows = {"caption": round(sum(regions)), "referring": round(referring_rows), "question": round(question_rows)}
     lengths = {"caption": caption_ctx + PADDED_TARGET["caption"], "referring": referring_ctx + PADDED_TARGET["referring"],
                "question": question_ctx + PADDED_TARGET["question"]}
@@ -280,107 +387,157 @@ def stage2_batch(s2: dict, datasets: list[Dataset], weights: list[float]) -> Bat
     return Batch(images, max_regions, rows, lengths, real, padded)
 
 
-def measure_stage2(s1: dict, s2: dict, batch: Batch, num_classes: int):
-    from fineregion_pl.prompts import GEOMETRY_DIM, RegionPrompt
-    from fineregion_pl.losses import mask_loss
+def stage2_terms(module, inputs: dict, batch: Batch) -> dict[str, torch.Tensor]:
+    """The loss terms ``RegionCaptioner.losses`` computes for the batch, by the same calls, on meta tensors.
 
-    model = s2["model"]["init_args"]
-    lm_cfg = model["language_model"]
-    enc = s1["model"]["init_args"]
-    vision = build_vision(enc["encoder"], num_classes, enc.get("head_hidden", 256), enc.get("attn_dim", 64),
-                          train_attention=model.get("mask_loss_weight", 0) > 0, freeze_encoder=model.get("freeze_encoder", False))
-    llm, config = build_llm(lm_cfg["name_or_path"], lm_cfg["lora"], lm_cfg.get("gradient_checkpointing", False))
-    hidden, vocab = config.hidden_size, config.vocab_size
-    with torch.device("meta"):
-        prompt = RegionPrompt(vision.out_dim, hidden, int(model["prompt_tokens"]), model.get("prompt_mode", "adaptive"), int(model["prompt_hidden"]))
-    prompt = prompt.to(torch.bfloat16)
-    size = int(s2["data"]["image_size"])
-    meta = dict(device="meta", dtype=torch.bfloat16)
-    embed = llm.get_input_embeddings()
-    k = prompt.length
-    pieces = {t: template_pieces(lm_cfg[f"{t}_template"]) for t in ("caption", "referring", "question")}
+    ``RegionCaptioner.losses`` itself reads values meta tensors do not have (``index.tolist()`` to
+    pick each region's texts, ``labelled.any()`` for the accuracy), so this makes its calls, in its
+    order, with the batch's counts:
 
-    def text_call(prompts: list[torch.Tensor], task: str) -> torch.Tensor:
-        """``RegionLanguageModel.text_loss``: template + prompts + target ids through the LM, CE on the target span."""
-        rows = prompts[0].shape[0]
-        parts = []
-        for i, n in enumerate(pieces[task]):
-            if n:
-                parts.append(embed(torch.zeros(rows, n, dtype=torch.long, device="meta")))
-            if i < len(prompts):
-                parts.append(prompts[i])
-        target = PADDED_TARGET[task]
-        parts.append(embed(torch.zeros(rows, target, dtype=torch.long, device="meta")))
-        embeds = torch.cat(parts, dim=1)
-        out = llm(inputs_embeds=embeds, output_hidden_states=True)  # all-ones mask: None (meta tensors have no values to test)
-        start = embeds.shape[1] - target - 1
-        logits = out.logits[:, start:start + target]
-        targets = torch.zeros(rows, target, dtype=torch.long, device="meta")
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    - ``RegionCaptioner.encode``: ``RegionVisionModel.forward`` on every image and region slot, then
+      ``region_geometry`` and ``RegionPrompt``; meta ``nonzero`` counts every slot valid, so the
+      prompts of all ``B x max_regions`` slots are made and the first ``rows["caption"]`` kept (the
+      real step makes only the valid regions' prompts: a few MFLOP more here);
+    - ``RegionLanguageModel.text_loss`` of the captions, and ``consistency_loss`` of their caption
+      representations (meta ``nonzero`` pairs every two slots: an upper bound on intersecting pairs);
+    - ``mask_loss`` (``mask_loss_weight > 0``); ``text_loss`` of the referring expressions; ``text_loss``
+      of the spatial questions on ``RegionCaptioner.question_prompts`` (the first region's prompt, then
+      the second's followed by ``RegionPrompt.pair_token``); the category cross-entropy over every slot
+      (``classification_weight > 0``). ``acc`` is detached: no FLOPs, nothing saved.
+    """
+    from fineregion_pl.model.captioner import EncodedBatch
+    from fineregion_pl.model.losses import consistency_loss, mask_loss
+
+    hp, captioner = module.hparams, module.model
+    language = captioner.language
+    with meta_nonzero():
+        encoded = captioner.encode(inputs)
+    rows = batch.rows["caption"]
+    encoded = EncodedBatch(vision=encoded.vision, index=encoded.index[:rows], prompts=encoded.prompts[:rows], geometry=encoded.geometry[:rows])
+    out, index, prompts = encoded.vision, encoded.index, encoded.prompts
+    caption, rep = language.text_loss(prompts, filler_texts(rows, PADDED_TARGET["caption"]), "caption")
+    reps = rep.new_zeros(*out.region_valid.shape, rep.shape[-1])
+    reps[index[:, 0], index[:, 1]] = rep
+    with meta_nonzero():
+        terms = {"caption_loss": caption, "consistency_loss": consistency_loss(reps, out.boxes, out.region_valid)}
+    if hp.mask_loss_weight > 0:
+        terms["mask_loss"] = mask_loss(out.attn_logits, out.target_masks, out.region_valid)
+    if hp.referring_weight > 0 and batch.rows["referring"]:
+        r = min(batch.rows["referring"], rows)
+        terms["referring_loss"], _ = language.text_loss(prompts[:r], filler_texts(r, PADDED_TARGET["referring"]), "referring")
+    if hp.spatial_weight > 0 and batch.rows["question"]:
+        q = min(batch.rows["question"], rows // 2)
+        slots = captioner.question_prompts(encoded, list(range(q)), list(range(q, 2 * q)))
+        terms["spatial_loss"], _ = language.text_loss(slots, filler_texts(q, PADDED_TARGET["question"]), "question")
+    if hp.classification_weight > 0:
+        logits = out.logits.flatten(0, 1)
+        terms["cls_loss"] = F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+    return terms
+
+
+def loss_weights(hparams) -> dict[str, float]:
+    """The weight of each loss term, as ``Stage2Module.losses`` takes them from its hyper-parameters."""
+    return {
+        "caption_loss": hparams.caption_weight, "consistency_loss": hparams.consistency_weight, "mask_loss": hparams.mask_loss_weight,
+        "referring_loss": hparams.referring_weight, "spatial_loss": hparams.spatial_weight, "cls_loss": hparams.classification_weight,
+    }
+
+
+def weighted_loss(hparams, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``Stage2Module.losses``' ``loss``: the terms weighted by :func:`loss_weights`, summed."""
+    weights = loss_weights(hparams)
+    return sum(weights[name] * value for name, value in terms.items())
+
+
+def check_call_lengths(module, batch: Batch) -> None:
+    """The contexts the real templates and prompts make are as long as :func:`stage2_batch` counted."""
+    language, prompt = module.model.language, module.model.prompt
+    pair = 1 if prompt.mode == "adaptive" else 0
+    for task, slots in (("caption", 1), ("referring", 1), ("question", 2)):
+        context = sum(len(ids) for ids in language.templates[task]) + slots * prompt.length + (pair if slots == 2 else 0)
+        if context != batch.lengths[task] - PADDED_TARGET[task]:
+            raise AssertionError(f"plan.py: the {task} context is {context} tokens, stage2_batch counted {batch.lengths[task] - PADDED_TARGET[task]}")
+
+
+def parameter_count(module: torch.nn.Module, trainable: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+
+@dataclass
+class Stage2Measure:
+    """One stage-2 training step of the recipe's per-GPU batch, measured on the package's modules."""
+
+    count: StepCount
+    config: Any  # the LM's transformers config
+    terms: dict[str, float]  # the loss terms the step computed, and their weights
+    lm_total: int
+    lm_trainable: int
+    vision_total: int
+    vision_trainable: int
+    prompt: int
+    transient: float  # bytes of the largest call's logits (every position, the whole vocabulary)
+    layer_params: int  # parameters of one decoder layer (what ZeRO-3 gathers at a time)
+
+    @property
+    def trainable(self) -> int:
+        return self.lm_trainable + self.vision_trainable + self.prompt
+
+    @property
+    def frozen(self) -> int:
+        return self.lm_total - self.lm_trainable + self.vision_total - self.vision_trainable
+
+
+def measure_stage2(s1: dict, s2: dict, batch: Batch, num_classes: int, llm_name: str, dtype: torch.dtype = torch.bfloat16) -> Stage2Measure:
+    """Build the stage-2 module (:func:`build_stage2`) and count one step of :func:`stage2_terms`."""
+    module = build_stage2(s1, s2, num_classes, llm_name, dtype)
+    captioner = module.model
+    check_call_lengths(module, batch)
+    inputs = meta_inputs(batch.images, batch.max_regions, int(s2["data"]["image_size"]), dtype)
+    terms: dict[str, float] = {}
 
     def step() -> torch.Tensor:
-        b, n = batch.images, batch.max_regions
-        images = torch.empty(b, 3, size, size, **meta)
-        boxes = torch.empty(b, n, 4, **meta)
-        valid = torch.ones(b, n, dtype=torch.bool, device="meta")
-        from fineregion_pl.masking import DynamicMasking
+        values = stage2_terms(module, inputs, batch)
+        terms.update({name: float(loss_weights(module.hparams)[name]) for name in values})
+        return weighted_loss(module.hparams, values)
 
-        out = vision(images, boxes, valid, model.get("masking", "dynamic"), DynamicMasking(**(model.get("dynamic") or {})))
-        rows = batch.rows["caption"]
-        z = out.regions.z.flatten(0, 1)[:rows]  # the valid regions (fewer than B x N: RefCOCOg images have ~2)
-        context = out.regions.context.repeat_interleave(n, dim=0)[:rows]
-        geometry = torch.empty(rows, GEOMETRY_DIM, **meta)
-        prompts = prompt(z, context, geometry)
-        loss = model.get("caption_weight", 1.0) * text_call([prompts], "caption")
-        if batch.rows["referring"]:
-            loss = loss + model["referring_weight"] * text_call([prompts[: batch.rows["referring"]]], "referring")
-        if batch.rows["question"]:
-            q = batch.rows["question"]
-            loss = loss + model["spatial_weight"] * text_call([prompts[:q], prompts[q: 2 * q]], "question")
-        if model.get("mask_loss_weight", 0) > 0:
-            loss = loss + model["mask_loss_weight"] * mask_loss(out.attn_logits, out.target_masks, out.region_valid)
-        return loss
-
-    vision.train()
-    llm.train()
-    prompt.train()
-    parts = {"vision": r"RegionVisionModel", "prompt": r"RegionPrompt", "llm": r"PeftModelForCausalLM|Qwen2ForCausalLM",
+    llm = captioner.language.model
+    parts = {"vision": r"RegionVisionModel", "prompt": r"RegionPrompt(\.pair)?", "llm": r"PeftModelForCausalLM|\w+ForCausalLM",
              "lm_head": r".*\.lm_head"}
-    blocks = r"(\.layers_\d+\.blocks\.\d+|\.layers\.\d+)$"
-    count = measure_step([vision, prompt, llm], step, blocks, parts)
-    lm_params = dict(total=sum(p.numel() for p in llm.parameters()), trainable=sum(p.numel() for p in llm.parameters() if p.requires_grad))
-    other = dict(
-        vision_total=sum(p.numel() for p in vision.parameters()), vision_trainable=sum(p.numel() for p in vision.parameters() if p.requires_grad),
-        prompt=sum(p.numel() for p in prompt.parameters()),
+    count = measure_step([captioner.vision, captioner.prompt, llm], step, r"(\.layers_\d+\.blocks\.\d+|\.layers\.\d+)$", parts)
+    config = llm.config
+    element = torch.finfo(dtype).bits // 8
+    count.parts["log_softmax_bytes"] = sum(batch.rows[t] * PADDED_TARGET[t] for t in batch.rows) * config.vocab_size * 4  # fp32: text_loss casts
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return Stage2Measure(
+        count=count, config=config, terms=terms,
+        lm_total=parameter_count(llm), lm_trainable=parameter_count(llm, trainable=True),
+        vision_total=parameter_count(captioner.vision), vision_trainable=parameter_count(captioner.vision, trainable=True),
+        prompt=parameter_count(captioner.prompt, trainable=True),
+        transient=max(batch.rows[t] * batch.lengths[t] for t in batch.rows) * config.vocab_size * element,
+        layer_params=parameter_count(base.model.layers[0]),
     )
-    largest_logits = max(batch.rows[t] * batch.lengths[t] for t in batch.rows) * vocab * 2  # bf16 logits of the biggest call
-    count.parts["log_softmax_bytes"] = sum(batch.rows[t] * PADDED_TARGET[t] for t in batch.rows) * vocab * 4  # fp32, saved by cross_entropy
-    layer_params = sum(p.numel() for p in llm.get_base_model().model.layers[0].parameters())
-    return count, lm_params, other, config, largest_logits, layer_params
 
 
-def measure_stage1(s1: dict, num_classes: int) -> tuple[StepCount, int, int]:
-    from fineregion_pl.losses import mask_loss
-    from fineregion_pl.masking import DynamicMasking
+def measure_stage1(s1: dict, num_classes: int, dtype: torch.dtype = torch.bfloat16) -> tuple[StepCount, int, int]:
+    """Count one step of ``Stage1Module`` of the stage-1 recipe: its ``forward``, then the terms of its
+    ``_losses`` (every slot labelled: ``_losses`` itself tests ``labelled.any()``, a value), then ``backward``."""
+    from fineregion_pl.model.losses import mask_loss
 
-    m = s1["model"]["init_args"]
-    vision = build_vision(m["encoder"], num_classes, m.get("head_hidden", 256), m.get("attn_dim", 64), True, False)
-    vision.head.requires_grad_(True)
-    b, n, size = int(s1["data"]["batch_size"]), int(s1["data"]["max_regions"]), int(s1["data"]["image_size"])
-    meta = dict(device="meta", dtype=torch.bfloat16)
+    module = build_stage1(s1, num_classes, dtype)
+    data = s1["data"]
+    inputs = meta_inputs(int(data["batch_size"]), int(data["max_regions"]), int(data["image_size"]), dtype)
 
-    def step():
-        out = vision(torch.empty(b, 3, size, size, **meta), torch.empty(b, n, 4, **meta), torch.ones(b, n, dtype=torch.bool, device="meta"),
-                     m.get("masking", "dynamic"), DynamicMasking(**(m.get("dynamic") or {})))
-        cls = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), torch.zeros(b * n, dtype=torch.long, device="meta"))
-        return cls + m.get("mask_loss_weight", 1.0) * mask_loss(out.attn_logits, out.target_masks, out.region_valid)
+    def step() -> torch.Tensor:
+        out = module(inputs)
+        logits = out.logits.flatten(0, 1)
+        cls = F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+        return cls + module.hparams.mask_loss_weight * mask_loss(out.attn_logits, out.target_masks, out.region_valid)
 
-    vision.train()
-    count = measure_step([vision], step, r"\.layers_\d+\.blocks\.\d+$", {"vision": r"RegionVisionModel"})
-    return count, sum(p.numel() for p in vision.parameters()), sum(p.numel() for p in vision.parameters() if p.requires_grad)
+    count = measure_step([module], step, r"\.layers_\d+\.blocks\.\d+$", {"vision": r"Stage1Module"})
+    return count, parameter_count(module.model), parameter_count(module.model, trainable=True)
 
 
-# ---------------------------------------------------------------------------- memory and the table
+# ---------------------------------------------------------------------------- memory and the tables
 
 
 def zero_memory(stage: int, gpus: int, frozen: float, trainable: float, activations: float, transient: float, layer_params: float) -> dict:
@@ -400,6 +557,19 @@ def zero_memory(stage: int, gpus: int, frozen: float, trainable: float, activati
     return mem
 
 
+def single_process_memory(m: Stage2Measure, checkpointing: bool) -> dict:
+    """Bytes on the GPU of one process with fp32 weights and plain AdamW, no DeepSpeed: every weight in
+    fp32, a fp32 gradient and AdamW's two fp32 moments (``exp_avg``, ``exp_avg_sq``) per trainable
+    weight, no master copy (the weights are fp32 already), activations and logits of an fp32 step."""
+    return {
+        "weights (fp32)": (m.frozen + m.trainable) * 4,
+        "gradients (fp32)": m.trainable * 4,
+        "AdamW m, v (fp32)": m.trainable * 8,
+        f"activations ({'checkpointed' if checkpointing else 'no checkpointing'}, fp32)": m.count.activations(checkpointing),
+        "transient logits (fp32)": m.transient,
+    }
+
+
 def gb(x: float) -> str:
     return f"{x / 1e9:.1f}"
 
@@ -412,175 +582,309 @@ def human_time(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def plan(stage1_path: Path, stage2_path: Path, mfu: float, gpu_counts: tuple[int, ...]) -> str:
+def shown(path: Path) -> str:
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+@dataclass
+class Figures:
+    """What the tables are made of: the recipes, the per-GPU batch and the measured steps."""
+
+    stage1_path: Path
+    stage2_path: Path
+    s1: dict
+    s2: dict
+    llm_name: str
+    mfu: float
+    gpu_counts: tuple[int, ...]
+    weights: list[float]
+    num_classes: int
+    batch: Batch
+    stage2: Stage2Measure  # the recipe's step: bf16 weights
+    single: dict[str, Stage2Measure]  # per LM: the same step with fp32 weights (the one-process table)
+    stage1: StepCount
+    stage1_params: int
+    stage1_trainable: int
+
+    @property
+    def model(self) -> dict:
+        return self.s2["model"]["init_args"]
+
+    @property
+    def encoder(self) -> dict:
+        return self.s1["model"]["init_args"]["encoder"]
+
+    @property
+    def checkpointing(self) -> bool:
+        return bool(self.model["language_model"].get("gradient_checkpointing"))
+
+    @property
+    def vision_checkpointing(self) -> bool:
+        return bool(self.encoder.get("grad_checkpointing"))
+
+    @property
+    def peak(self) -> float:
+        return H100_BF16_DENSE * self.mfu
+
+    @property
+    def per_sample(self) -> float:
+        return self.stage2.count.model_flops / self.batch.images
+
+    @property
+    def executed_per_sample(self) -> float:
+        c = self.stage2.count
+        return (c.forward + c.backward + (c.recompute if self.checkpointing else 0)) / self.batch.images
+
+    @property
+    def rate(self) -> float:
+        """Samples/s per GPU at the MFU (model FLOPs, no recomputation)."""
+        return self.peak / self.per_sample
+
+    @property
+    def step_time(self) -> float:
+        return self.batch.images / self.rate
+
+    @property
+    def epoch_images(self) -> int:
+        return sum(d.train_images for d in DATASETS)
+
+
+def measure(stage1_path: Path, stage2_path: Path, mfu: float, gpu_counts: tuple[int, ...], llm: Optional[str] = None) -> Figures:
+    """Read the recipes and measure the steps (the stage-2 LM: ``llm``, default the recipe's)."""
     s1, s2 = read_config(stage1_path), read_config(stage2_path)
+    llm_name = llm or s2["model"]["init_args"]["language_model"]["name_or_path"]
     weights = list(s2["data"].get("weights") or [d.train_images for d in DATASETS])
     num_classes = 80 + 1000  # COCO's 80 + the VG converter's 1000-name vocabulary (upper bound: shared names merge)
-    batch = stage2_batch(s2, DATASETS, weights)
-    count, lm_params, other, config, transient, layer_params = measure_stage2(s1, s2, batch, num_classes)
+    batch = stage2_batch(s2, DATASETS, weights, llm_name)
+    stage2 = measure_stage2(s1, s2, batch, num_classes, llm_name)
+    single = {}
+    for name in dict.fromkeys([llm_name, SMALL_LLM]):
+        single[name] = measure_stage2(s1, s2, stage2_batch(s2, DATASETS, weights, name), num_classes, name, torch.float32)
     s1_count, s1_params, s1_trainable = measure_stage1(s1, num_classes)
-    model = s2["model"]["init_args"]
-    lm_cfg = model["language_model"]
-    checkpointing = bool(lm_cfg.get("gradient_checkpointing"))
-    vision_ckpt = bool(s1["model"]["init_args"]["encoder"].get("grad_checkpointing"))
-    peak = H100_BF16_DENSE * mfu
-    per_sample = count.model_flops / batch.images
-    executed_per_sample = (count.forward + count.backward + (count.recompute if checkpointing else 0)) / batch.images
-    rate = peak / per_sample  # samples/s per GPU at the MFU (model FLOPs, no recomputation)
-    rate_hfu = peak / executed_per_sample
-    epoch_images = sum(d.train_images for d in DATASETS)
-    step_time = batch.images / rate
+    return Figures(stage1_path, stage2_path, s1, s2, llm_name, mfu, gpu_counts, weights, num_classes, batch, stage2, single,
+                   s1_count, s1_params, s1_trainable)
 
-    trainable = lm_params["trainable"] + other["vision_trainable"] + other["prompt"]
-    frozen = lm_params["total"] - lm_params["trainable"] + other["vision_total"] - other["vision_trainable"]
-    activations = count.activations(checkpointing)
 
-    lines = ["# Scale plan: stage 2 (and stage 1) on H100s", ""]
-    lines += [f"Generated by `python benchmarks/plan.py --markdown` from `{stage2_path.relative_to(ROOT) if stage2_path.is_relative_to(ROOT) else stage2_path}` "
-              f"and `{stage1_path.relative_to(ROOT) if stage1_path.is_relative_to(ROOT) else stage1_path}`; models built on the meta device, "
-              "FLOPs counted by `FlopCounterMode`, saved activations by `saved_tensors_hooks` (see the script's docstring). "
-              f"Throughput at {mfu:.0%} MFU of an H100 SXM (bf16 dense peak {H100_BF16_DENSE / 1e12:.0f} TFLOP/s), perfect data-parallel scaling.", ""]
+def tf(x: float) -> str:
+    return f"{x / 1e12:.2f}"
 
-    lines += ["## The model", "",
-              f"- LLM: `{lm_cfg['name_or_path']}` from a hand-written config: hidden {config.hidden_size}, intermediate "
-              f"{config.intermediate_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
-              f"{config.num_key_value_heads} KV heads, vocab {config.vocab_size}, untied embeddings: "
-              f"{(lm_params['total'] - lm_params['trainable']) / 1e9:.2f} B parameters, frozen, plus "
-              f"{lm_params['trainable'] / 1e6:.1f} M LoRA weights that train (r {lm_cfg['lora']['r']}, alpha {lm_cfg['lora']['alpha']}, "
-              f"`{lm_cfg['lora'].get('target_modules')}`: every linear layer of the decoder, not `lm_head`); "
-              f"bf16; gradient checkpointing {'on' if checkpointing else 'off'}.",
-              f"- Vision: `{s1['model']['init_args']['encoder']['backbone']}` at {s2['data']['image_size']} px, levels "
-              f"{s1['model']['init_args']['encoder'].get('feature_levels')}, {other['vision_total'] / 1e6:.1f} M parameters, "
-              f"{other['vision_trainable'] / 1e6:.1f} M trained in stage 2 (patch embedding + first {s1['model']['init_args']['encoder'].get('freeze_stages', 0)} "
-              f"stage(s) frozen, category head frozen, attention map trained as `mask_loss_weight` > 0); gradient checkpointing "
-              f"{'on' if vision_ckpt else 'off'} (from the stage-1 encoder config).",
-              f"- Region prompt: {model['prompt_tokens']} + 1 soft tokens, generator hidden {model['prompt_hidden']}: {other['prompt'] / 1e6:.1f} M parameters.",
-              f"- Trainable in total: {trainable / 1e6:.0f} M; frozen: {frozen / 1e9:.2f} B.", ""]
 
-    lines += ["## One per-GPU batch (stage 2)", "",
-              f"{batch.images} images per GPU (`data.batch_size`), sampled {' : '.join(f'{w:g}' for w in weights)} from "
-              f"{' and '.join(d.name for d in DATASETS)} (`data.weights`), at most {batch.max_regions} regions each:", "",
-              "| LM call | sequences | padded length | tokens |", "|---|---|---|---|"]
+def intro_section(f: Figures) -> list[str]:
+    return ["# Scale plan: stage 2 (and stage 1) on H100s", "",
+            f"Generated by `python benchmarks/plan.py --markdown` from `{shown(f.stage2_path)}` and `{shown(f.stage1_path)}`; the "
+            "package's modules (`Stage2Module` with its `RegionCaptioner`, `Stage1Module`) built on the meta device, one training "
+            "step run through the package's functions, FLOPs counted by `FlopCounterMode`, saved activations by "
+            "`saved_tensors_hooks` (see the script's docstring). "
+            f"Throughput at {f.mfu:.0%} MFU of an H100 SXM (bf16 dense peak {H100_BF16_DENSE / 1e12:.0f} TFLOP/s), perfect data-parallel scaling.", ""]
+
+
+def model_section(f: Figures) -> list[str]:
+    m, lm_cfg, config = f.stage2, f.model["language_model"], f.stage2.config
+    lora = lm_cfg["lora"]
+    tied = "tied input and output embeddings" if config.tie_word_embeddings else "untied embeddings"
+    terms = " + ".join(f"{w:g} x `{name}`" for name, w in m.terms.items())
+    return ["## The model", "",
+            f"- LLM: `{f.llm_name}` from a hand-written config (`LLM_CONFIGS`), built by `AutoModelForCausalLM.from_config`: hidden "
+            f"{config.hidden_size}, intermediate {config.intermediate_size}, {config.num_hidden_layers} layers, "
+            f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, vocab {config.vocab_size}, {tied}: "
+            f"{(m.lm_total - m.lm_trainable) / 1e9:.2f} B parameters, frozen, plus {m.lm_trainable / 1e6:.1f} M LoRA weights that "
+            f"train (peft, r {lora['r']}, alpha {lora['alpha']}, `{lora.get('target_modules')}`: every linear layer of the decoder, "
+            f"not `lm_head`); bf16; gradient checkpointing {'on' if f.checkpointing else 'off'}.",
+            f"- Vision (`RegionVisionModel`): `{f.encoder['backbone']}` at {f.s2['data']['image_size']} px, levels "
+            f"{f.encoder.get('feature_levels')}, {m.vision_total / 1e6:.1f} M parameters, {m.vision_trainable / 1e6:.1f} M trained in "
+            f"stage 2 (as `Stage2Module` leaves them: patch embedding + first {f.encoder.get('freeze_stages', 0)} stage(s) frozen"
+            f"{', the whole encoder frozen (`freeze_encoder`)' if f.model.get('freeze_encoder') else ''}, category head "
+            f"{'trained as `classification_weight` > 0' if f.model.get('classification_weight', 0) > 0 else 'frozen as `classification_weight` is 0'}, "
+            f"attention map {'trained as `mask_loss_weight` > 0' if f.model.get('mask_loss_weight', 0) > 0 else 'frozen as `mask_loss_weight` is 0'}); "
+            f"gradient checkpointing {'on' if f.vision_checkpointing else 'off'} (from the stage-1 encoder config).",
+            f"- Region prompt (`RegionPrompt`, {f.model.get('prompt_mode', 'adaptive')}): {f.model['prompt_tokens']} + 1 soft tokens, "
+            f"generator hidden {f.model['prompt_hidden']}, and the pair token of two-region questions: {m.prompt / 1e6:.1f} M parameters.",
+            f"- Trainable in total: {m.trainable / 1e6:.0f} M; frozen: {m.frozen / 1e9:.2f} B.",
+            f"- Loss of the step (the terms `RegionCaptioner.losses` computes for this recipe, weighted as `Stage2Module.losses`): "
+            f"{terms}; the question call's second region slot is that region's prompt followed by the pair token.", ""]
+
+
+def batch_section(f: Figures) -> list[str]:
+    b = f.batch
+    lines = ["## One per-GPU batch (stage 2)", "",
+             f"{b.images} images per GPU (`data.batch_size`), sampled {' : '.join(f'{w:g}' for w in f.weights)} from "
+             f"{' and '.join(d.name for d in DATASETS)} (`data.weights`), at most {b.max_regions} regions each:", "",
+             "| LM call | sequences | padded length | tokens |", "|---|---|---|---|"]
     for task in ("caption", "referring", "question"):
-        lines.append(f"| {task} | {batch.rows[task]} | {batch.lengths[task]} | {batch.rows[task] * batch.lengths[task]:,} |")
-    lines += ["", f"{batch.padded_tokens:,.0f} LM tokens per batch ({batch.padded_tokens / batch.images:.0f} per image), of which "
-              f"{1 - batch.real_tokens / batch.padded_tokens:.0%} are padding: every call pads its targets to its longest "
+        lines.append(f"| {task} | {b.rows[task]} | {b.lengths[task]} | {b.rows[task] * b.lengths[task]:,} |")
+    lines += ["", f"{b.padded_tokens:,.0f} LM tokens per batch ({b.padded_tokens / b.images:.0f} per image), of which "
+              f"{1 - b.real_tokens / b.padded_tokens:.0%} are padding: every call pads its targets to its longest "
               "(`RegionLanguageModel.tokenize_targets`), and a mixed batch pads VG's short phrases to RefCOCOg's long expressions.", ""]
+    return lines
 
-    def tf(x: float) -> str:
-        return f"{x / 1e12:.2f}"
 
-    lm_fwd = count.parts["llm"]
-    lines += ["## FLOPs per sample (one image with all its regions)", "",
-              "| part | forward TFLOP per sample | share |", "|---|---|---|",
-              f"| vision (Swin + masks + pooling + attention map) | {tf(count.parts['vision'] / batch.images)} | {count.parts['vision'] / count.forward:.1%} |",
-              f"| region prompt | {tf(count.parts['prompt'] / batch.images)} | {count.parts['prompt'] / count.forward:.1%} |",
-              f"| LLM with LoRA | {tf(lm_fwd / batch.images)} | {lm_fwd / count.forward:.1%} |",
-              f"| of which `lm_head` (every position, full vocabulary) | {tf(count.parts['lm_head'] / batch.images)} | {count.parts['lm_head'] / count.forward:.1%} |",
-              "", "| step | TFLOP per sample | x forward |", "|---|---|---|",
-              f"| forward | {tf(count.forward / batch.images)} | 1.00 |",
-              f"| backward (counted) | {tf(count.backward / batch.images)} | {count.backward / count.forward:.2f} |",
-              f"| model FLOPs = forward + backward (MFU counts these) | {tf(per_sample)} | {count.model_flops / count.forward:.2f} |",
-              f"| recomputed forward (gradient checkpointing) | {tf(count.recompute / batch.images)} | {count.recompute / count.forward:.2f} |",
-              f"| executed FLOPs | {tf(executed_per_sample)} | {executed_per_sample * batch.images / count.forward:.2f} |", "",
-              f"Full fine-tuning would need ~3x forward (weight gradients of every matmul: another ~1x); with LoRA the frozen base "
-              f"weights get none, so the backward is {count.backward / count.forward:.2f}x forward: input gradients through every "
-              f"layer (~1x) plus LoRA's and the vision side's weight gradients. The vision side is trained (its backward "
-              f"{'includes' if other['vision_trainable'] else 'skips'} weight gradients) but is "
-              f"{count.parts['vision'] / count.forward:.1%} of the forward.", ""]
+def flops_section(f: Figures) -> list[str]:
+    c, images = f.stage2.count, f.batch.images
+    return ["## FLOPs per sample (one image with all its regions)", "",
+            "| part | forward TFLOP per sample | share |", "|---|---|---|",
+            f"| vision (Swin + masks + pooling + attention map) | {tf(c.parts['vision'] / images)} | {c.parts['vision'] / c.forward:.1%} |",
+            f"| region prompt (and pair token) | {tf(c.parts['prompt'] / images)} | {c.parts['prompt'] / c.forward:.1%} |",
+            f"| LLM with LoRA | {tf(c.parts['llm'] / images)} | {c.parts['llm'] / c.forward:.1%} |",
+            f"| of which `lm_head` (every position, full vocabulary) | {tf(c.parts['lm_head'] / images)} | {c.parts['lm_head'] / c.forward:.1%} |",
+            "", "| step | TFLOP per sample | x forward |", "|---|---|---|",
+            f"| forward | {tf(c.forward / images)} | 1.00 |",
+            f"| backward (counted) | {tf(c.backward / images)} | {c.backward / c.forward:.2f} |",
+            f"| model FLOPs = forward + backward (MFU counts these) | {tf(f.per_sample)} | {c.model_flops / c.forward:.2f} |",
+            f"| recomputed forward (gradient checkpointing) | {tf(c.recompute / images)} | {c.recompute / c.forward:.2f} |",
+            f"| executed FLOPs | {tf(f.executed_per_sample)} | {f.executed_per_sample * images / c.forward:.2f} |", "",
+            f"Full fine-tuning would need ~3x forward (weight gradients of every matmul: another ~1x); with LoRA the frozen base "
+            f"weights get none, so the backward is {c.backward / c.forward:.2f}x forward: input gradients through every "
+            f"layer (~1x) plus LoRA's and the vision side's weight gradients. The vision side is trained (its backward "
+            f"{'includes' if f.stage2.vision_trainable else 'skips'} weight gradients) but is "
+            f"{c.parts['vision'] / c.forward:.1%} of the forward.", ""]
 
-    lines += ["## Memory per GPU (stage 2, DeepSpeed, bf16 weights, fp32 optimizer state)", ""]
-    gpus_for_memory = gpu_counts
-    header = "| ZeRO | GPUs | " + " | ".join(zero_memory(3, 8, 0, 0, 0, 0, 0).keys()) + " | total GB | fits 80 GB |"
-    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+
+def zero_section(f: Figures) -> list[str]:
+    m, c = f.stage2, f.stage2.count
+    activations = c.activations(f.checkpointing)
+    columns = list(zero_memory(3, 8, 0, 0, 0, 0, 0))
+    header = "| ZeRO | GPUs | " + " | ".join(columns) + " | total GB | fits 80 GB |"
+    lines = ["## Memory per GPU (stage 2, DeepSpeed, bf16 weights, fp32 optimizer state)", "", header, "|" + "---|" * (header.count("|") - 1)]
     for stage in (2, 3):
-        for n in gpus_for_memory:
-            mem = zero_memory(stage, n, frozen, trainable, activations, transient, layer_params)
-            full = {k: mem.get(k, 0.0) for k in zero_memory(3, 8, 0, 0, 0, 0, 0)}
-            total = sum(full.values()) + 2e9
-            lines.append(f"| {stage} | {n} | " + " | ".join(gb(v) for v in full.values()) + f" | {gb(total)} | {'yes' if total < H100_MEMORY else 'NO'} |")
-    lines += ["", f"Totals add 2 GB for the CUDA context and allocator slack. Activations: {gb(count.activations(True))} GB with "
-              f"checkpointing ({gb(count.saved_other)} GB saved outside checkpointed blocks, of which {gb(count.parts['log_softmax_bytes'])} GB "
-              f"are the fp32 log-softmax of the target logits (`text_loss` casts them to float); {gb(count.block_inputs)} GB of block inputs; {gb(count.block_saved_max)} GB for the one block "
-              f"being recomputed), {gb(count.activations(False))} GB without. Transient: the bf16 logits of the largest call "
-              f"(every position, the whole vocabulary) before the target span is cut out.", ""]
-    base = sum(zero_memory(2, gpu_counts[0], frozen, trainable, 0.0, 0.0, layer_params).values()) + 2e9
-    per_image = (activations + transient) / batch.images
-    lines += [f"With ZeRO-2 on {gpu_counts[0]} GPUs, {gb(base)} GB are not activations; activations and logits grow with the "
+        for n in f.gpu_counts:
+            mem = zero_memory(stage, n, m.frozen, m.trainable, activations, m.transient, m.layer_params)
+            full = [mem.get(k, 0.0) for k in columns]
+            total = sum(full) + CUDA_SLACK
+            lines.append(f"| {stage} | {n} | " + " | ".join(gb(v) for v in full) + f" | {gb(total)} | {'yes' if total < H100_MEMORY else 'NO'} |")
+    lines += ["", f"Totals add {gb(CUDA_SLACK)} GB for the CUDA context and allocator slack. Activations: {gb(c.activations(True))} GB with "
+              f"checkpointing ({gb(c.saved_other)} GB saved outside checkpointed blocks, of which {gb(c.parts['log_softmax_bytes'])} GB "
+              f"are the fp32 log-softmax of the target logits (`text_loss` casts them to float); {gb(c.block_inputs)} GB of block "
+              f"inputs; {gb(c.block_saved_max)} GB for the one block being recomputed), {gb(c.activations(False))} GB without. "
+              "Transient: the bf16 logits of the largest call (every position, the whole vocabulary) before the target span is cut out.", ""]
+    base = sum(zero_memory(2, f.gpu_counts[0], m.frozen, m.trainable, 0.0, 0.0, m.layer_params).values()) + CUDA_SLACK
+    per_image = (activations + m.transient) / f.batch.images
+    lines += [f"With ZeRO-2 on {f.gpu_counts[0]} GPUs, {gb(base)} GB are not activations; activations and logits grow with the "
               f"batch ({gb(per_image)} GB per image), so ~{int((H100_MEMORY - base) / per_image)} images per GPU would fit: "
-              f"the recipe's {batch.images} leave room for a larger batch (fewer, longer steps) or no recomputation of some layers.", ""]
+              f"the recipe's {f.batch.images} leave room for a larger batch (fewer, longer steps) or no recomputation of some layers.", ""]
+    return lines
 
-    lines += ["## Throughput and one epoch", "",
-              f"Epoch = every training image once: {DATASETS[0].train_images:,} ({DATASETS[0].name}) + {DATASETS[1].train_images:,} "
-              f"({DATASETS[1].name}) = {epoch_images:,} samples (the DataModule's epoch: the manifests' image counts; one sample = "
-              f"one image with all its regions, at most `max_regions`). With `data.weights` 1:1 the epoch draws the two sets "
-              f"equally, as the batch above.", "",
-              f"At {mfu:.0%} MFU a GPU does {per_sample / 1e12:.2f} TFLOP of model FLOPs per sample: **{rate:.1f} samples/s per GPU** "
-              f"({rate * batch.padded_tokens / batch.images:,.0f} LM tokens/s), a step of {batch.images} images every {step_time:.2f} s. "
-              f"If the 40% must cover the recomputed FLOPs as well (hardware FLOPs): {rate_hfu:.1f} samples/s.", ""]
-    comm2 = 2 * trainable * 2  # reduce-scatter gradients + all-gather updated weights, bf16
-    comm3 = 3 * (frozen + trainable) * 2 + trainable * 2  # all-gather weights in forward, recompute, backward; reduce-scatter gradients
+
+def single_process_section(f: Figures) -> list[str]:
+    columns = list(single_process_memory(next(iter(f.single.values())), f.checkpointing))
+    header = "| LLM | trainable | frozen | " + " | ".join(columns) + " | total GB | fits 80 GB |"
+    lines = ["## Memory on one process (stage 2, fp32 weights, plain AdamW, no DeepSpeed)", "",
+             f"The same step of the same batch, every module in fp32 (`precision: 32`, the LM loaded in float32), the "
+             f"optimizer `configure_optimizers` builds (`torch.optim.AdamW`), one process on one GPU (no ZeRO, no sharding), "
+             f"gradient checkpointing {'on' if f.checkpointing else 'off'} as the recipe:", "",
+             header, "|" + "---|" * (header.count("|") - 1)]
+    for name, m in f.single.items():
+        mem = list(single_process_memory(m, f.checkpointing).values())
+        total = sum(mem) + CUDA_SLACK
+        lines.append(f"| `{name}` | {m.trainable / 1e6:.0f} M | {m.frozen / 1e9:.2f} B | " + " | ".join(gb(v) for v in mem)
+                     + f" | {gb(total)} | {'yes' if total < H100_MEMORY else 'NO'} |")
+    lines += ["", f"Total = 4 bytes per weight (frozen and trainable) + 12 bytes per trainable weight (its fp32 gradient and AdamW's "
+              f"`exp_avg`, `exp_avg_sq`; no master copy: the weights are fp32) + the fp32 step's activations (what autograd saves, "
+              f"measured as above) + the fp32 logits of the largest call + {gb(CUDA_SLACK)} GB, an upper bound: the gradients are "
+              "freed (`zero_grad(set_to_none=True)`) while the next forward builds its activations, and AdamW's foreach "
+              "temporaries (about 4 bytes per trainable weight) come in the optimizer step, after the activations are freed.", ""]
+    return lines
+
+
+def throughput_section(f: Figures) -> list[str]:
+    m, b = f.stage2, f.batch
+    rate_hfu = f.peak / f.executed_per_sample
+    lines = ["## Throughput and one epoch", "",
+             f"Epoch = every training image once: {DATASETS[0].train_images:,} ({DATASETS[0].name}) + {DATASETS[1].train_images:,} "
+             f"({DATASETS[1].name}) = {f.epoch_images:,} samples (the DataModule's epoch: the manifests' image counts; one sample = "
+             f"one image with all its regions, at most `max_regions`). With `data.weights` 1:1 the epoch draws the two sets "
+             f"equally, as the batch above.", "",
+             f"At {f.mfu:.0%} MFU a GPU does {f.per_sample / 1e12:.2f} TFLOP of model FLOPs per sample: **{f.rate:.1f} samples/s per GPU** "
+             f"({f.rate * b.padded_tokens / b.images:,.0f} LM tokens/s), a step of {b.images} images every {f.step_time:.2f} s. "
+             f"If the {f.mfu:.0%} must cover the recomputed FLOPs as well (hardware FLOPs): {rate_hfu:.1f} samples/s.", ""]
+    comm2 = 2 * m.trainable * 2  # reduce-scatter gradients + all-gather updated weights, bf16
+    comm3 = 3 * (m.frozen + m.trainable) * 2 + m.trainable * 2  # all-gather weights in forward, recompute, backward; reduce-scatter gradients
     lines += ["| ZeRO | GPUs | samples/s | epoch | step compute | bytes moved per GPU per step | at the link's bandwidth |", "|---|---|---|---|---|---|---|"]
     for stage in (2, 3):
-        for n in gpu_counts:
+        for n in f.gpu_counts:
             moved = (comm2 if stage == 2 else comm3) * (n - 1) / n
-            bandwidth = NVLINK_BW if n <= 8 else INTERNODE_BW
-            comm_time = moved / bandwidth
-            lines.append(f"| {stage} | {n} | {rate * n:,.0f} | {human_time(epoch_images / (rate * n))} | {step_time * 1e3:.0f} ms | "
-                         f"{gb(moved)} GB | {comm_time * 1e3:.0f} ms{' (exceeds the step)' if comm_time > step_time else ''} |")
+            comm_time = moved / (NVLINK_BW if n <= 8 else INTERNODE_BW)
+            lines.append(f"| {stage} | {n} | {f.rate * n:,.0f} | {human_time(f.epoch_images / (f.rate * n))} | {f.step_time * 1e3:.0f} ms | "
+                         f"{gb(moved)} GB | {comm_time * 1e3:.0f} ms{' (exceeds the step)' if comm_time > f.step_time else ''} |")
     lines += ["", f"Communication is not in the samples/s (it overlaps with compute when it is shorter than the step). ZeRO-3 "
               f"gathers every weight, frozen ones included, for the forward, again for the recomputation and for the "
               f"backward: {gb(comm3)} GB per step; ZeRO-2 moves only the trainable weights' gradients and updates "
               f"({gb(comm2)} GB). Bandwidth assumed: {NVLINK_BW / 1e9:.0f} GB/s per GPU inside an 8-GPU NVLink node, "
               f"{INTERNODE_BW / 1e9:.0f} GB/s per GPU across nodes (one 400 Gb/s NIC per GPU). The frozen bf16 LLM "
-              f"({gb(frozen * 2)} GB) fits on every GPU, so ZeRO-2 is the stage-2 choice; ZeRO-3 is for an LM that does not fit.", ""]
+              f"({gb(m.frozen * 2)} GB) fits on every GPU, so ZeRO-2 is the stage-2 choice; ZeRO-3 is for an LM that does not fit.", ""]
+    return lines
 
-    s1_b = int(s1["data"]["batch_size"])
-    s1_model = s1_count.model_flops / s1_b
-    s1_exec = (s1_count.executed_flops if vision_ckpt else s1_count.model_flops) / s1_b
-    s1_rate = peak / s1_model
-    s1_workers = int(s1["data"].get("num_workers") or 1)
-    lines += ["## Stage 1 (Swin alone, DDP)", "",
-              f"`{s1['model']['init_args']['encoder']['backbone']}` at {s1['data']['image_size']} px, batch {s1_b}, "
-              f"{s1['data']['max_regions']} regions: forward {s1_count.forward / s1_b / 1e9:.0f} GFLOP per image, backward "
-              f"{s1_count.backward / s1_count.forward:.2f}x forward (the frozen first stage has no weight gradients), model FLOPs "
-              f"{s1_model / 1e9:.0f} GFLOP, executed with recomputation {s1_exec / 1e9:.0f} GFLOP. {s1_params / 1e6:.1f} M parameters "
-              f"({s1_trainable / 1e6:.1f} M trained); activations per GPU {gb(s1_count.activations(vision_ckpt))} GB with checkpointing.", "",
-              f"| GPUs | samples/s at {mfu:.0%} MFU | epoch | epoch if input-bound ({s1_workers} workers x {DECODE_RATE[0]}-{DECODE_RATE[1]} images/s per GPU) |",
-              "|---|---|---|---|"]
-    for n in gpu_counts:
-        slow, fast = (epoch_images / (n * s1_workers * r) for r in DECODE_RATE)
-        lines.append(f"| {n} | {s1_rate * n:,.0f} | {human_time(epoch_images / (s1_rate * n))} | {human_time(fast)} - {human_time(slow)} |")
-    lines += ["", f"At {s1_rate:,.0f} images/s per GPU stage 1 is input-bound, not compute-bound: decoding a COCO-size JPEG "
-              f"(640x480) and letterboxing it to {s1['data']['image_size']} px (`to_region_sample`) took 14-27 ms on one core of this "
+
+def stage1_section(f: Figures) -> list[str]:
+    c, data = f.stage1, f.s1["data"]
+    images = int(data["batch_size"])
+    model_flops = c.model_flops / images
+    executed = (c.executed_flops if f.vision_checkpointing else c.model_flops) / images
+    rate = f.peak / model_flops
+    workers = int(data.get("num_workers") or 1)
+    lines = ["## Stage 1 (Swin alone, DDP)", "",
+             f"`Stage1Module` with `{f.encoder['backbone']}` at {data['image_size']} px, batch {images}, {data['max_regions']} regions: "
+             f"forward {c.forward / images / 1e9:.0f} GFLOP per image, backward {c.backward / c.forward:.2f}x forward (the frozen "
+             f"first stage has no weight gradients), model FLOPs {model_flops / 1e9:.0f} GFLOP, executed with recomputation "
+             f"{executed / 1e9:.0f} GFLOP. {f.stage1_params / 1e6:.1f} M parameters ({f.stage1_trainable / 1e6:.1f} M trained); "
+             f"activations per GPU {gb(c.activations(f.vision_checkpointing))} GB with checkpointing.", "",
+             f"| GPUs | samples/s at {f.mfu:.0%} MFU | epoch | epoch if input-bound ({workers} workers x {DECODE_RATE[0]}-{DECODE_RATE[1]} images/s per GPU) |",
+             "|---|---|---|---|"]
+    for n in f.gpu_counts:
+        slow, fast = (f.epoch_images / (n * workers * r) for r in DECODE_RATE)
+        lines.append(f"| {n} | {rate * n:,.0f} | {human_time(f.epoch_images / (rate * n))} | {human_time(fast)} - {human_time(slow)} |")
+    lines += ["", f"At {rate:,.0f} images/s per GPU stage 1 is input-bound, not compute-bound: decoding a COCO-size JPEG "
+              f"(640x480) and letterboxing it to {data['image_size']} px (`to_region_sample`) took 14-27 ms on one core of this "
               f"project's (loaded) CPU, i.e. roughly {DECODE_RATE[0]}-{DECODE_RATE[1]} images/s per dataloader worker, so `num_workers: "
-              f"{s1_workers}` gives {s1_workers * DECODE_RATE[0]}-{s1_workers * DECODE_RATE[1]} images/s per GPU. GPU decoding (nvJPEG/DALI) or pre-resized "
-              f"shards (`--max-side`) are what would feed it; stage 2 needs only {rate:.0f} images/s per GPU."]
+              f"{workers}` gives {workers * DECODE_RATE[0]}-{workers * DECODE_RATE[1]} images/s per GPU. GPU decoding (nvJPEG/DALI) or "
+              f"pre-resized shards (`--max-side`) are what would feed it; stage 2 needs only {f.rate:.0f} images/s per GPU.", ""]
+    return lines
 
-    lines += ["", "## Assumptions", ""]
+
+def assumptions_section(f: Figures) -> list[str]:
+    b = f.batch
+    bos = "a BOS first" if LLM_CONFIGS[f.llm_name]["bos_token"] else "no BOS (Qwen2.5 has none)"
+    lines = ["## Assumptions", ""]
     for d in DATASETS:
-        lines.append(f"- {d.name}: {d.source}; {min(d.regions_per_image, batch.max_regions):.2f} regions per sample used "
-                     f"(at most `max_regions` {batch.max_regions}); caption target {d.caption_tokens:.1f} tokens with EOS"
+        lines.append(f"- {d.name}: {d.source}; {min(d.regions_per_image, b.max_regions):.2f} regions per sample used "
+                     f"(at most `max_regions` {b.max_regions}); caption target {d.caption_tokens:.1f} tokens with EOS"
                      f"{'; its expressions are also the referring targets' if d.referring else '; no referring expressions'}; "
                      f"{d.questions_per_image:g} spatial questions per sample.")
     lines += [
         f"- Text lengths: {TOKENS_PER_WORD} Qwen tokens per English word; templates counted as words and punctuation "
-        f"marks; no BOS (Qwen2.5 has none); targets padded per call to {PADDED_TARGET['caption']} tokens (captions, "
+        f"marks (the step tokenizes them with a word-level tokenizer that counts the same way: the model's own cannot be "
+        f"downloaded here); {bos}; targets padded per call to {PADDED_TARGET['caption']} tokens (captions, "
         f"referring expressions: the longest RefCOCOg expression among ~8 in a batch) and {PADDED_TARGET['question']} (answers).",
         "- VG spatial questions: ~21 relationships per image, about half matched to two regions by the converter, and both "
         "regions must be among the 20 sampled of ~50 (about 1 in 6): 2 per sample.",
         "- VG region phrases have no referring expressions (the converter writes `referring: []`); RefCOCOg has no spatial questions.",
-        f"- Categories: {num_classes} (COCO's 80 + VG's 1000-name vocabulary); only the frozen head's size depends on it.",
+        f"- Categories: {f.num_classes} (COCO's 80 + VG's 1000-name vocabulary); only the frozen head's size depends on it.",
+        "- Meta tensors have no values, so the step cannot pick regions by their validity: every image's "
+        f"{b.max_regions} slots go through the vision side (as in the real step, padding included) and all of them get a "
+        "prompt (the real step prompts only the valid regions: a few GFLOP more here), the LM calls take the counted rows, and "
+        "the consistency loss pairs every two slots of an image (an upper bound; it has no matmul). The LM runs with eager "
+        "attention (sdpa's mask check reads values): the same attention FLOPs, but it also saves the softmax probabilities "
+        "(rows x heads x length^2 per layer, about 20 MB per layer of the 7B caption call), which sdpa's flash kernel recomputes in backward.",
         "- DeepSpeed bf16: every weight bf16 on the GPU, fp32 master weights, fp32 gradient partitions and Adam moments "
         "(16 bytes per trainable parameter, partitioned over the GPUs) + the bf16 working copy; frozen weights bf16 only.",
-        "- Activations are what autograd saves, in bf16 (fp32 where the code casts: the log-softmax of the logits); "
-        "temporaries inside an op and the allocator's fragmentation are not counted beyond the 2 GB margin.",
-        f"- {mfu:.0%} MFU counts model FLOPs (forward + the backward autograd runs), the PaLM convention; perfect "
+        f"- Activations are what autograd saves, in bf16 (fp32 where the code casts: the log-softmax of the logits); "
+        f"temporaries inside an op and the allocator's fragmentation are not counted beyond the {gb(CUDA_SLACK)} GB margin.",
+        f"- {f.mfu:.0%} MFU counts model FLOPs (forward + the backward autograd runs), the PaLM convention; perfect "
         "data-parallel scaling, communication overlapped (see the bandwidth column); the input pipeline keeps up (true for "
         "stage 2, not for stage 1: see above). 40% is plausible for the LLM's large matmuls; Swin's windowed attention and "
         "many small ops usually reach less.",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def render(f: Figures) -> str:
+    sections = (intro_section, model_section, batch_section, flops_section, zero_section, single_process_section,
+                throughput_section, stage1_section, assumptions_section)
+    return "\n".join(line for section in sections for line in section(f)).rstrip("\n") + "\n"
+
+
+def plan(stage1_path: Path, stage2_path: Path, mfu: float, gpu_counts: tuple[int, ...], llm: Optional[str] = None) -> str:
+    """The plan's markdown for the two recipes (the stage-2 LM: ``llm``, default the recipe's)."""
+    return render(measure(stage1_path, stage2_path, mfu, gpu_counts, llm))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -589,12 +893,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--stage2", type=Path, default=ROOT / "configs" / "stage2.yaml")
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="model FLOPs utilisation (default: %(default)s)")
     parser.add_argument("--gpus", type=int, nargs="+", default=list(GPU_COUNTS))
+    parser.add_argument("--llm", choices=sorted(LLM_CONFIGS), help="plan this LM in place of the stage-2 recipe's")
     parser.add_argument("--markdown", nargs="?", const=ROOT / "docs" / "plan.md", type=Path, metavar="PATH",
                         help="also write the tables to PATH (default docs/plan.md)")
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        text = plan(args.stage1, args.stage2, args.mfu, tuple(args.gpus))
+        text = plan(args.stage1, args.stage2, args.mfu, tuple(args.gpus), args.llm)
     print(text)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

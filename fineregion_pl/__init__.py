@@ -9,14 +9,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from fineregion_pl import _moved
+
 __version__ = "0.1.0"
 
 _LAZY = {
     "RegionDataModule": "fineregion_pl.data.datamodule",
-    "Stage1Module": "fineregion_pl.stage1",
-    "Stage2Module": "fineregion_pl.stage2",
+    "Stage1Module": "fineregion_pl.train.stage1",
+    "Stage2Module": "fineregion_pl.train.stage2",
+    "RegionCaptioner": "fineregion_pl.model.captioner",
+    "RegionThroughputMonitor": "fineregion_pl.train.callbacks",
 }
 __all__ = list(_LAZY)
+
+_moved.install()
 
 
 def __getattr__(name: str) -> Any:

@@ -1,3 +1,3 @@
-from .cli import main
+from fineregion_pl.commands.cli import main
 
 main()

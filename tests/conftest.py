@@ -19,7 +19,7 @@ TINY_BACKBONE_KWARGS = dict(embed_dim=16, depths=[1, 1, 1], num_heads=[1, 2, 4],
 
 def tiny_encoder_config(**overrides):
     """A tiny Swin (3 stages, 64 px input) with feature levels at 8x8 and 4x4."""
-    from fineregion_pl.vision import EncoderConfig
+    from fineregion_pl.model.encoder import EncoderConfig
 
     values = dict(backbone="swin_tiny_patch4_window7_224", feature_levels=[1, 2], backbone_kwargs=dict(TINY_BACKBONE_KWARGS))
     values.update(overrides)
@@ -41,7 +41,7 @@ def synthetic_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory) -> Path:
     """A word-level tokenizer and a 1-layer Llama pretrained for a few steps, saved with save_pretrained."""
-    from fineregion_pl.tiny_lm import build_tiny_lm, synthetic_pretraining_texts
+    from fineregion_pl.train.tiny_lm import build_tiny_lm, synthetic_pretraining_texts
 
     out = tmp_path_factory.mktemp("tiny-lm")
     return build_tiny_lm(out, synthetic_pretraining_texts(0, 200), hidden_size=32, num_layers=1, num_heads=2, steps=150, lr=1e-2, progress=False)
@@ -84,7 +84,7 @@ def stage2_checkpoint(tmp_path_factory, synthetic_data, tiny_lm, stage1_checkpoi
     import lightning as L
 
     from fineregion_pl import RegionDataModule, Stage2Module
-    from fineregion_pl.language import LanguageModelConfig, LoraSettings
+    from fineregion_pl.model.language_model import LanguageModelConfig, LoraSettings
 
     L.seed_everything(0)
     out = tmp_path_factory.mktemp("stage2")

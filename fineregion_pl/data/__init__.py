@@ -7,8 +7,8 @@ from typing import Any
 
 _LAZY = {
     "RegionDataModule": "fineregion_pl.data.datamodule",
-    "RegionSample": "fineregion_pl.data.transforms",
-    "collate_regions": "fineregion_pl.data.transforms",
+    "RegionSample": "fineregion_pl.model.transforms",
+    "collate_regions": "fineregion_pl.model.transforms",
 }
 __all__ = list(_LAZY)
 

@@ -39,22 +39,24 @@ import argparse
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from .shards import MANIFEST, encode_sample, shard_writer, write_json_atomic
+from fineregion_pl.data.shards import MANIFEST, encode_sample, shard_writer, write_json_atomic
+from fineregion_pl.model.boxes import four_numbers
+from fineregion_pl.model.errors import BadInputError
+from fineregion_pl.model.transforms import scale_segmentation
 
 FORMAT_VERSION = 1
 CHUNKS_DIR = "chunks"
@@ -62,12 +64,11 @@ SKIP_KEYS = {"regions": "skipped", "images": "skipped_images", "sentences": "ski
 SPLIT_ORDER = ["train", "val", "test", "testA", "testB", "testC"]
 
 
-class BadRecord(ValueError):
+class BadRecord(BadInputError):
     """A record the converter cannot use (raised in ``--strict`` mode; counted otherwise)."""
 
 
-class InputError(ValueError):
-    """A missing or malformed input file or option: the conversion cannot start."""
+InputError = BadInputError  # the converters' name for a fatal input problem (the same class)
 
 
 @dataclass(frozen=True)
@@ -149,12 +150,12 @@ def check_box(xywh: Any, width: float, height: float, tolerance: float) -> tuple
     most ``tolerance`` pixels), else ``(None, reason, problem)`` where ``problem`` completes a
     sentence such as ``"image 1 region 4091 " + problem``.
     """
-    try:
-        x, y, w, h = (float(v) for v in xywh)
-    except (TypeError, ValueError):
+    values, problem = four_numbers(xywh)
+    if problem == "has a non-finite value":
+        return None, "box_not_finite", f"has a non-finite box {xywh!r}"
+    if problem:
         return None, "box_malformed", f"has a malformed box {xywh!r} (want [x, y, w, h])"
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
-        return None, "box_not_finite", f"has a non-finite box {[x, y, w, h]}"
+    x, y, w, h = values
     if w <= 0 or h <= 0:
         side, value = ("width", w) if w <= 0 else ("height", h)
         return None, "box_empty", f"has {side} {value:g}"
@@ -167,24 +168,18 @@ def check_box(xywh: Any, width: float, height: float, tolerance: float) -> tuple
     return clamped, None, ""
 
 
-def iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every ``xywh`` box of ``a (n, 4)`` with every box of ``b (m, 4)``: ``(n, m)``, 0 for empty unions."""
-    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, :2] + a[:, None, 2:], b[None, :, :2] + b[None, :, 2:])
-    inter = np.clip(hi - lo, 0, None).prod(axis=-1)
-    area_a, area_b = (np.clip(boxes[:, 2], 0, None) * np.clip(boxes[:, 3], 0, None) for boxes in (a, b))
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-    return np.nan_to_num(iou, nan=0.0)
-
-
 def best_matches(queries: np.ndarray, targets: np.ndarray, min_iou: float) -> list[Optional[int]]:
-    """For each ``xywh`` query box the index of the target with the highest IoU, if it is at least ``min_iou``."""
+    """For each ``xywh`` query box the index of the target with the highest IoU (torchvision's
+    ``box_iou``), if it is at least ``min_iou``."""
     if len(queries) == 0 or len(targets) == 0:
         return [None] * len(queries)
-    iou = iou_xywh(queries, targets)
+    import torch
+    from torchvision.ops import box_convert, box_iou
+
+    def xyxy(boxes: np.ndarray) -> torch.Tensor:
+        return box_convert(torch.as_tensor(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)), "xywh", "xyxy")
+
+    iou = torch.nan_to_num(box_iou(xyxy(queries), xyxy(targets)), nan=0.0).numpy()
     best = iou.argmax(axis=1)
     return [int(j) if iou[i, j] >= min_iou else None for i, j in enumerate(best)]
 
@@ -243,21 +238,6 @@ def stored_image(image: Image.Image, data: bytes, max_side: Optional[int], quali
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=quality)
     return buf.getvalue(), size[0], size[1]
-
-
-def scale_segmentation(segmentation: Any, sx: float, sy: float, width: int, height: int) -> Any:
-    """Scale a COCO segmentation (polygons, or RLE compressed or not) to a ``width x height`` image."""
-    if segmentation is None or (sx == 1.0 and sy == 1.0):
-        return segmentation
-    if isinstance(segmentation, list):
-        return [[_coord(v * (sx if i % 2 == 0 else sy)) for i, v in enumerate(polygon)] for polygon in segmentation]
-    h, w = segmentation["size"]
-    rle = mask_utils.frPyObjects(segmentation, h, w) if isinstance(segmentation["counts"], list) else dict(segmentation)
-    if isinstance(rle["counts"], str):
-        rle["counts"] = rle["counts"].encode("ascii")
-    mask = Image.fromarray(mask_utils.decode(rle) * 255).resize((width, height), Image.NEAREST)
-    out = mask_utils.encode(np.asfortranarray((np.asarray(mask) > 127).astype(np.uint8)))
-    return {"size": [int(out["size"][0]), int(out["size"][1])], "counts": out["counts"].decode("ascii")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,17 +22,18 @@ from __future__ import annotations
 import itertools
 import random
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import lightning as L
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .image_folder import BadInputError, ImageBoxesDataset
-from .shards import read_manifest, split_shards
-from .transforms import collate_regions, to_region_sample
-
+from fineregion_pl.data.image_folder import BadInputError, ImageBoxesDataset
+from fineregion_pl.data.shards import read_manifest, split_shards
+from fineregion_pl.lightning_private import batches_read_this_epoch
+from fineregion_pl.model.transforms import collate_regions, to_region_sample
 
 # Lightning warns about any IterableDataset with a length and several workers; this stream splits
 # its shards by worker and gives each worker its share of len(), so the length is exact.
@@ -53,7 +54,7 @@ def skip_bad_sample(error: Exception) -> bool:
     return True
 
 
-def _samples(shards: list[str], stream: "RegionBatchStream", rng: random.Random, category_map: Optional[list[int]] = None) -> Iterator:
+def _samples(shards: list[str], stream: RegionBatchStream, rng: random.Random, category_map: Optional[list[int]] = None) -> Iterator:
     """Decoded region samples of ``shards`` in order (with a shuffle buffer when training).
 
     When training, images without a usable region are dropped (there is nothing to learn from).
@@ -73,7 +74,7 @@ def _samples(shards: list[str], stream: "RegionBatchStream", rng: random.Random,
     return iter(wds.DataPipeline(*stages))
 
 
-def _forever(shards: list[str], stream: "RegionBatchStream", rng: random.Random, category_map: Optional[list[int]] = None) -> Iterator:
+def _forever(shards: list[str], stream: RegionBatchStream, rng: random.Random, category_map: Optional[list[int]] = None) -> Iterator:
     """Training samples of ``shards`` without end: reshuffled every pass, or resampled with replacement."""
     while True:
         if stream.resampled:
@@ -289,7 +290,7 @@ class RegionDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 0
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready if trainer.training else 0
+        done = batches_read_this_epoch(trainer)
         return trainer.current_epoch, int(done)
 
     def stream(self, split: str, train: bool) -> RegionBatchStream:

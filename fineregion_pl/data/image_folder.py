@@ -15,7 +15,6 @@ line naming it, and counted.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -23,8 +22,9 @@ from typing import Any, Optional
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..errors import BadInputError
-from .transforms import RegionSample, to_region_sample
+from fineregion_pl.model.boxes import check_box
+from fineregion_pl.model.errors import BadInputError
+from fineregion_pl.model.transforms import RegionSample, to_region_sample
 
 
 def _image_entries(path: Path) -> list[dict]:
@@ -47,24 +47,6 @@ def _image_entries(path: Path) -> list[dict]:
     if isinstance(data, list):
         return data
     raise BadInputError(f"{path}: expected a JSON object or list, got {type(data).__name__}")
-
-
-def check_box(box: Any, where: str) -> list[float]:
-    """``box`` as four floats with ``x0 < x1`` and ``y0 < y1``, or a :class:`BadInputError` naming ``where``."""
-    if not isinstance(box, (list, tuple)) or len(box) != 4:
-        raise BadInputError(f"{where} is not four numbers [x0, y0, x1, y1]: {box!r}")
-    try:
-        values = [float(v) for v in box]
-    except (TypeError, ValueError):
-        raise BadInputError(f"{where} is not four numbers [x0, y0, x1, y1]: {box!r}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise BadInputError(f"{where} has a non-finite value: {box!r}")
-    x0, y0, x1, y1 = values
-    if x1 <= x0:
-        raise BadInputError(f"{where} has x1 <= x0 ({x1} <= {x0})")
-    if y1 <= y0:
-        raise BadInputError(f"{where} has y1 <= y0 ({y1} <= {y0})")
-    return values
 
 
 def read_boxes_file(path: str | Path) -> list[dict]:

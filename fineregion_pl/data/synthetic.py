@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .shards import MANIFEST, encode_sample, shard_writer, write_json_atomic
+from fineregion_pl.data.shards import MANIFEST, encode_sample, shard_writer, write_json_atomic
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
 COLOURS = {
@@ -66,11 +67,11 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, 
 
 
 def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    """IoU of two xyxy boxes (torchvision's ``box_iou`` in float64, as exact as plain Python floats)."""
+    import torch
+    from torchvision.ops import box_iou
+
+    return float(box_iou(torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64))[0, 0])
 
 
 def relation(a: dict, b: dict) -> str:

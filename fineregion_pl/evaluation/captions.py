@@ -7,7 +7,7 @@ tokenizer and METEOR run Java (a JRE must be on PATH).
 from __future__ import annotations
 
 import shutil
-from typing import Hashable
+from collections.abc import Hashable
 
 
 def caption_metrics(predictions: dict[Hashable, str], references: dict[Hashable, list[str]]) -> dict[str, float]:

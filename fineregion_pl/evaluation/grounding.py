@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..boxes import box_iou
+from fineregion_pl.model.boxes import matched_box_iou
 
 
 def grounding_outcome(scores: Tensor, candidate_boxes: Tensor, target_box: Tensor, atol: float = 1e-6) -> tuple[float, float]:
@@ -24,7 +24,7 @@ def grounding_outcome(scores: Tensor, candidate_boxes: Tensor, target_box: Tenso
     """
     best = scores.max()
     tied = (scores >= best - atol).nonzero().flatten()
-    ious = box_iou(candidate_boxes[tied].float(), target_box.float().expand(len(tied), 4))
+    ious = matched_box_iou(candidate_boxes[tied].float(), target_box.float().expand(len(tied), 4))
     return float((ious >= 0.5).float().mean()), float(ious.mean())
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..data.shards import write_json_atomic
+from fineregion_pl.data.shards import write_json_atomic
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
 
-from fineregion_pl.strategies import RegionDeepSpeedStrategy
+from fineregion_pl.train.strategies import RegionDeepSpeedStrategy
 
 
 class CPUDeepSpeedStrategy(RegionDeepSpeedStrategy):

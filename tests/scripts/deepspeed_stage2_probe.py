@@ -19,8 +19,8 @@ import lightning
 import torch
 
 from fineregion_pl.data import RegionDataModule
-from fineregion_pl.language import LanguageModelConfig, LoraSettings
-from fineregion_pl.stage2 import Stage2Module
+from fineregion_pl.model.language_model import LanguageModelConfig, LoraSettings
+from fineregion_pl.train.stage2 import Stage2Module
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ import deepspeed
 import torch
 from safetensors.torch import load_file
 
-from fineregion_pl.language import LanguageModelConfig, LoraSettings
-from fineregion_pl.stage2 import Stage2Module
-from fineregion_pl.strategies import RegionDeepSpeedStrategy
+from fineregion_pl.model.language_model import LanguageModelConfig, LoraSettings
+from fineregion_pl.train.stage2 import Stage2Module
+from fineregion_pl.train.strategies import RegionDeepSpeedStrategy
 
 
 def gathered(param: torch.nn.Parameter) -> torch.Tensor:
@@ -41,8 +41,8 @@ def main() -> None:
     try:
         with strategy.model_sharded_context():
             module.configure_model()
-        lm_params = dict(module.language.named_parameters())
-        embedding = module.language.model.get_input_embeddings().weight
+        lm_params = dict(module.model.language.named_parameters())
+        embedding = module.model.language.model.get_input_embeddings().weight
         pretrained = load_file(os.path.join(lm_dir, "model.safetensors"))
         (key,) = [k for k in pretrained if k.endswith("embed_tokens.weight")]
         lora_b = [p for n, p in lm_params.items() if ".lora_B." in n]
@@ -51,9 +51,9 @@ def main() -> None:
             "partitioned": sum(hasattr(p, "ds_id") for p in lm_params.values()),
             "embedding_matches": bool(torch.equal(gathered(embedding).float(), pretrained[key].float())),
             "lora_b_max": max(float(gathered(p).abs().max()) for p in lora_b),
-            "prompt_width": int(module.prompt.lm_dim),
+            "prompt_width": int(module.model.prompt.lm_dim),
             "hidden_size": int(pretrained[key].shape[1]),
-            "prompt_scale": float(module.prompt.embed_scale),
+            "prompt_scale": float(module.model.prompt.embed_scale),
             "embedding_rms": float(pretrained[key].float().pow(2).mean().sqrt()),
         }
     except Exception:

@@ -1,0 +1,87 @@
+"""Collects a test run's region predictions on every rank and turns them into ``results.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+from fineregion_pl.evaluation.captions import caption_metrics
+from fineregion_pl.evaluation.classification import category_from_text, classification_metrics
+from fineregion_pl.evaluation.grounding import grounding_metrics
+from fineregion_pl.evaluation.report import results_table, write_results
+
+
+class RegionTestCollector:
+    """Keeps, for each evaluated region, the prediction, the references and the true category."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows: list[dict] = []
+        self.grounding: list[tuple[float, float]] = []
+        self.spatial: list[tuple[str, str]] = []
+
+    def add(self, batch: dict[str, Any], predictions: list[dict], grounding: list[tuple[float, float]] = (), spatial: list[tuple[str, str]] = ()) -> None:
+        """Attach references and true categories of ``batch`` to its prediction rows; keep the
+        batch's grounding outcomes and ``(predicted, true)`` spatial answers."""
+        self.grounding += list(grounding)
+        self.spatial += list(spatial)
+        slot = {(img, rid): (b, n) for b, (img, ids) in enumerate(zip(batch["image_ids"], batch["region_ids"])) for n, rid in enumerate(ids)}
+        for row in predictions:
+            b, n = slot[(row["image_id"], row["region_id"])]
+            self.rows.append({**row, "references": batch["references"][b][n], "target": int(batch["categories"][b, n])})
+
+    def gather(self) -> bool:
+        """Bring all ranks' rows to rank 0; returns whether this is rank 0."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everything: list = [None] * dist.get_world_size()
+            dist.all_gather_object(everything, (self.rows, self.grounding, self.spatial))
+            if dist.get_rank() != 0:
+                return False
+            self.rows = [r for rows, _, _ in everything for r in rows]
+            self.grounding = [g for _, grounding, _ in everything for g in grounding]
+            self.spatial = [s for _, _, spatial in everything for s in spatial]
+        unique = {(str(r["image_id"]), str(r["region_id"])): r for r in self.rows}
+        self.rows = [unique[k] for k in sorted(unique)]
+        return True
+
+    def compute(self, categories: list[str], num_classes: int) -> Optional[dict]:
+        """Caption, classification, grounding and spatial metrics over everything collected (rank 0 only)."""
+        if not self.gather():
+            return None
+        rows = self.rows
+        scored = [r for r in rows if r["references"]]  # captions of regions without references are not scored
+        keys = [(r["image_id"], r["region_id"]) for r in scored]
+        caption = caption_metrics({k: r["caption"] for k, r in zip(keys, scored)}, {k: r["references"] for k, r in zip(keys, scored)})
+        targets = [r["target"] for r in rows]
+        head = classification_metrics([r["category_id"] for r in rows], targets, num_classes)
+        text = classification_metrics([category_from_text(r["caption"], categories) for r in rows], targets, num_classes)
+        exact = sum(r["caption"].strip().lower() in [x.strip().lower() for x in r["references"]] for r in scored)
+        caption.update(exact_match=exact / max(1, len(scored)), regions=len(scored))
+        return {
+            "classification": {
+                "accuracy": head["accuracy"],
+                "macro_f1": head["macro_f1"],
+                "text_accuracy": text["accuracy"],
+                "text_macro_f1": text["macro_f1"],
+                "regions": head["count"],
+            },
+            "caption": caption,
+            "grounding": grounding_metrics(self.grounding),
+            "spatial": {
+                "accuracy": sum(p.strip().lower() == t.strip().lower() for p, t in self.spatial) / max(1, len(self.spatial)),
+                "questions": len(self.spatial),
+            },
+        }
+
+    def write(self, results: dict, out_dir: Path) -> None:
+        """Write ``results.json``, ``results.md`` and ``predictions.jsonl``; print the table."""
+        write_results(results, out_dir, title="Test results")
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows)
+        (Path(out_dir) / "predictions.jsonl").write_text(text, encoding="utf-8")
+        print(f"\n{results_table(results)}\n\nresults written to {Path(out_dir) / 'results.json'}", flush=True)  # rank 0 only: compute() returned None elsewhere
+

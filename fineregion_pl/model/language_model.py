@@ -1,0 +1,290 @@
+"""The language side: a Hugging Face LM (causal or encoder-decoder) with peft LoRA, driven by soft prompts.
+
+:class:`RegionLanguageModel` builds, for ``R`` regions at once, the sequences
+``[template text | region prompt | template text | ... | target text]`` in the LM's embedding
+space, and gives the text loss (eq. 8), per-sequence log-likelihoods (for grounding), a caption
+representation (for eq. 9) and batched generation. A task is a template: ``caption`` (describe
+one region), ``referring`` (a referring expression for one region) and ``question`` (a spatial
+question about two regions); ``{region}`` marks where a region prompt goes. It knows nothing of
+Lightning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fineregion_pl.model.errors import BadInputError
+
+IGNORE = -100
+
+if TYPE_CHECKING:
+    import transformers
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA settings; ``enabled: false`` means full fine-tuning of the LM.
+
+    ``target_modules``: ``null`` for peft's default for the model family (``q_proj, v_proj`` for
+    Llama/Qwen, ``c_attn`` for GPT-2, ``q, v`` for T5), ``all-linear``, or a list of module names.
+    """
+
+    enabled: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Optional[Union[str, list[str]]] = None
+
+
+@dataclass
+class LanguageModelConfig:
+    """Which language model to load and how.
+
+    Attributes:
+        name_or_path: a Hugging Face hub name or a local folder saved with ``save_pretrained``.
+        dtype: load dtype (``bfloat16`` for a 7B model on GPU; ``null`` keeps the checkpoint's).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (when installed).
+        gradient_checkpointing: recompute LM activations in backward.
+        lora: LoRA settings.
+        caption_template: instruction for captions; ``{region}`` marks where the region prompt goes.
+        referring_template: instruction for referring expressions (grounding scores them).
+        question_template: instruction for spatial questions about two regions (two ``{region}``).
+    """
+
+    name_or_path: str = "runs/quickstart/tiny-lm"
+    dtype: Optional[str] = None
+    attn_implementation: Optional[str] = None
+    gradient_checkpointing: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    caption_template: str = "describe the region {region} :"
+    referring_template: str = "refer to the region {region} :"
+    question_template: str = "where is the region {region} relative to the region {region} ?"
+
+
+def _resolve_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name in (None, "auto"):
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}: use bfloat16, float16 or float32")
+    return dtype
+
+
+def load_language_model(config: LanguageModelConfig) -> tuple[nn.Module, transformers.PreTrainedTokenizerBase, bool]:
+    """Load the LM and tokenizer with ``from_pretrained`` and wrap the LM with LoRA.
+
+    Returns ``(model, tokenizer, is_encoder_decoder)``. With LoRA only the adapter weights are
+    trainable; with ``lora.enabled: false`` every LM weight is.
+    """
+    import transformers
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    try:
+        lm_config = transformers.AutoConfig.from_pretrained(config.name_or_path)
+    except (OSError, ValueError) as err:
+        raise BadInputError(f"cannot load language model {config.name_or_path!r}: {str(err).splitlines()[0]}") from None
+    encoder_decoder = bool(getattr(lm_config, "is_encoder_decoder", False))
+    auto = transformers.AutoModelForSeq2SeqLM if encoder_decoder else transformers.AutoModelForCausalLM
+    kwargs = {}
+    if config.dtype not in (None, "auto"):
+        kwargs["dtype"] = _resolve_dtype(config.dtype)
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    model = auto.from_pretrained(config.name_or_path, **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config.name_or_path)
+    model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    if config.lora.enabled:
+        lora = LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+            task_type=TaskType.SEQ_2_SEQ_LM if encoder_decoder else TaskType.CAUSAL_LM,
+        )
+        model = get_peft_model(model, lora)
+        _initialise_partitioned_lora(model)
+    return model, tokenizer, encoder_decoder
+
+
+def _gathered(params: list[torch.nn.Parameter]):
+    """Full values of DeepSpeed ZeRO-3 partitioned parameters inside the block (no-op otherwise)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
+
+
+def _initialise_partitioned_lora(model: nn.Module) -> None:
+    """peft initialises LoRA in place (B = 0); on ZeRO-3 partitions that does nothing: gather and redo it."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            params = [p for n, p in module.named_parameters() if "lora_" in n]
+            if any(hasattr(p, "ds_id") for p in params):
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                    for adapter in module.lora_A:
+                        module.reset_lora_parameters(adapter, True)
+
+
+class RegionLanguageModel(nn.Module):
+    """A LoRA language model that reads region prompts and writes or scores text.
+
+    Args:
+        config: the LM to load and its template.
+    """
+
+    def __init__(self, config: LanguageModelConfig):
+        super().__init__()
+        self.config = config
+        self.model, self.tokenizer, self.encoder_decoder = load_language_model(config)
+        self.templates = {
+            "caption": self._template_ids(config.caption_template, slots=1),
+            "referring": self._template_ids(config.referring_template, slots=1),
+            "question": self._template_ids(config.question_template, slots=2),
+        }
+        self.text_tokens = 0  # target tokens (EOS included) teacher-forced so far; Stage2Module reads the increase per step
+
+    def _template_ids(self, template: str, slots: int) -> list[list[int]]:
+        """Token ids of the text pieces around the ``{region}`` slots (BOS first for causal LMs)."""
+        pieces = template.split("{region}")
+        if len(pieces) != slots + 1:
+            raise ValueError(f"template {template!r} must contain '{{region}}' exactly {slots} time(s)")
+        ids = [self.tokenizer(p.strip(), add_special_tokens=False)["input_ids"] if p.strip() else [] for p in pieces]
+        if not self.encoder_decoder and self.tokenizer.bos_token_id is not None:
+            ids[0] = [self.tokenizer.bos_token_id] + ids[0]
+        if self.encoder_decoder and self.tokenizer.eos_token_id is not None:
+            ids[-1] = ids[-1] + [self.tokenizer.eos_token_id]
+        return ids
+
+    @property
+    def hidden_size(self) -> int:
+        embedding = self.model.get_input_embeddings()
+        return getattr(embedding, "embedding_dim", None) or embedding.weight.shape[-1]
+
+    def embedding_rms(self) -> float:
+        """Root mean square of the LM's input embedding entries (the scale soft tokens should have)."""
+        weight = self.model.get_input_embeddings().weight
+        with _gathered([weight]):
+            return float(weight.detach().float().pow(2).mean().sqrt())
+
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def context_embeddings(self, prompts: Tensor | list[Tensor], task: str = "caption") -> Tensor:
+        """Soft prompts placed in a task's template: ``(R, L, d)``, the same ``L`` for every row.
+
+        Args:
+            prompts: ``(R, p, d)`` for one-region tasks, or one such tensor per ``{region}`` slot.
+            task: ``caption``, ``referring`` or ``question``.
+        """
+        prompts = [prompts] if isinstance(prompts, Tensor) else list(prompts)
+        pieces = self.templates[task]
+        if len(prompts) != len(pieces) - 1:
+            raise ValueError(f"the {task} template has {len(pieces) - 1} region slot(s), got {len(prompts)} prompt tensor(s)")
+        weight = self.model.get_input_embeddings().weight
+        rows = prompts[0].shape[0]
+        parts = []
+        for i, ids in enumerate(pieces):
+            if ids:
+                parts.append(self.embed(torch.tensor(ids, device=weight.device))[None].expand(rows, -1, -1))
+            if i < len(prompts):
+                parts.append(prompts[i].to(weight.dtype))
+        return torch.cat(parts, dim=1)
+
+    def tokenize_targets(self, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        """Texts to right-padded ``(R, T)`` ids ending in EOS, and their mask."""
+        eos = self.tokenizer.eos_token_id
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+        length = max(len(i) for i in ids)
+        out = torch.full((len(ids), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(ids), length, dtype=torch.bool)
+        for row, seq in enumerate(ids):
+            out[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = True
+        self.text_tokens += int(mask.sum())  # counted on the CPU before the copy: no device sync
+        return out.to(device), mask.to(device)
+
+    def teacher_forced(self, prompts: Tensor | list[Tensor], texts: list[str], task: str = "caption") -> tuple[Tensor, Tensor, Tensor]:
+        """Run the LM on prompts (in ``task``'s template) followed by ``texts``.
+
+        Returns ``(logits, targets, hidden)`` aligned so that ``logits[:, t]`` predicts
+        ``targets[:, t]``: ``(R, T, V)``, ``(R, T)`` with ``-100`` on padding, and the last hidden
+        states ``(R, T, d)`` at the same positions.
+        """
+        context = self.context_embeddings(prompts, task)
+        ids, mask = self.tokenize_targets(texts, context.device)
+        targets = ids.masked_fill(~mask, IGNORE)
+        if self.encoder_decoder:
+            out = self.model(
+                inputs_embeds=context,
+                attention_mask=torch.ones(context.shape[:2], dtype=torch.long, device=context.device),
+                labels=targets,
+                output_hidden_states=True,
+            )
+            return out.logits, targets, out.decoder_hidden_states[-1]
+        embeds = torch.cat([context, self.embed(ids)], dim=1)
+        attention = torch.cat([torch.ones(context.shape[:2], dtype=torch.bool, device=context.device), mask], dim=1)
+        out = self.model(inputs_embeds=embeds, attention_mask=attention.long(), output_hidden_states=True)
+        start = context.shape[1] - 1  # the position whose output predicts the first text token
+        span = slice(start, start + ids.shape[1])
+        return out.logits[:, span], targets, out.hidden_states[-1][:, span]
+
+    def text_loss(self, prompts: Tensor | list[Tensor], texts: list[str], task: str = "caption") -> tuple[Tensor, Tensor]:
+        """Cross-entropy on the target tokens only (eq. 8, averaged over tokens) and the text representation.
+
+        The representation ``C_i`` (for ``L_consistency``) is the mean of the LM's last hidden
+        states over the positions that predict the caption, L2-normalised: the LM head reads
+        the caption off exactly these states, it is differentiable, and it costs nothing extra.
+        """
+        logits, targets, hidden = self.teacher_forced(prompts, texts, task)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        weights = (targets != IGNORE).to(hidden.dtype)[..., None]
+        rep = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return loss, F.normalize(rep.float(), dim=-1)
+
+    @torch.no_grad()
+    def log_likelihood(self, prompts: Tensor | list[Tensor], texts: list[str], task: str = "referring") -> Tensor:
+        """Sum of token log-probabilities of each text (EOS included) given its prompt: ``(R,)``."""
+        logits, targets, _ = self.teacher_forced(prompts, texts, task)
+        logp = logits.float().log_softmax(-1)
+        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        return (picked * (targets != IGNORE)).sum(-1)
+
+    @torch.no_grad()
+    def generate(self, prompts: Tensor | list[Tensor], max_new_tokens: int = 16, num_beams: int = 1, task: str = "caption") -> list[str]:
+        """Greedy (``num_beams=1``) or beam-search texts for ``R`` prompts in one batch.
+
+        Every prompt has the same length (template + ``k + 1`` soft tokens), so no prompt is
+        padded and a region's caption does not depend on which other regions share its batch.
+        """
+        context = self.context_embeddings(prompts, task)
+        if context.shape[0] == 0:
+            return []
+        attention = torch.ones(context.shape[:2], dtype=torch.long, device=context.device)
+        out = self.model.generate(
+            inputs_embeds=context,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -1,0 +1,242 @@
+"""Stage 2: adaptive region prompts into a LoRA language model (paper sections 3.3-3.5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from torch import Tensor
+
+from fineregion_pl.evaluation.collector import RegionTestCollector
+from fineregion_pl.evaluation.loops import answer_questions, ground_expressions
+from fineregion_pl.model.captioner import CHECKPOINT_PREFIX, CaptionerConfig, RegionCaptioner, captioner_weights
+from fineregion_pl.model.checkpoint_files import check_weights_fit, load_stage1_weights, read_checkpoint
+from fineregion_pl.model.config import optional_config, plain_hparams
+from fineregion_pl.model.dynamic_masking import DynamicMasking, MaskingMode
+from fineregion_pl.model.encoder import EncoderConfig
+from fineregion_pl.model.errors import BadInputError, check_finite_loss
+from fineregion_pl.model.language_model import LanguageModelConfig
+from fineregion_pl.model.region_prompt import PromptMode
+from fineregion_pl.train.optim import adamw_with_schedule
+
+
+class Stage2Module(L.LightningModule):
+    """Trains a :class:`~fineregion_pl.model.captioner.RegionCaptioner` (``self.model``): the region
+    prompt and the LM's LoRA adapters on ``w * L_mask + λ1 L_caption + λ2 L_consistency`` (plus the
+    referring, spatial and category terms when their weights are positive).
+
+    The model does the forward passes; this module weights the loss terms, logs, groups the
+    optimiser's parameters, collects test results and keeps the frozen base LM out of checkpoints.
+
+    Args:
+        language_model: the Hugging Face LM, its LoRA settings and the instruction template.
+        init_from: a stage-1 Lightning checkpoint; ``encoder``/``num_classes``/``categories``/sizes
+            default to the ones it was trained with, and its encoder, head and attention weights
+            are loaded when ``fit`` starts (not when the module is built to test, predict or export).
+        encoder: the backbone (default: from ``init_from``).
+        num_classes: region categories (default: from ``init_from``).
+        categories: category names, index = ``category_id`` (default: from ``init_from``).
+        head_hidden, attn_dim: sizes of the stage-1 head and attention (default: from ``init_from``).
+        masking: region pooling: ``dynamic``, ``hard`` or ``none``.
+        dynamic: training-time perturbations of ``dynamic`` masking.
+        use_segmentation: pool regions with their segmentation mask where the data has one.
+        prompt_mode: ``adaptive`` (the method) or ``static`` (the "no adaptive prompts" ablation).
+        prompt_tokens: ``k``, soft prompt tokens per region (plus one region token).
+        prompt_hidden: hidden size of the adaptive prompt generator.
+        freeze_encoder: keep the vision encoder fixed in stage 2.
+        caption_weight: ``λ1``.
+        consistency_weight: ``λ2``.
+        mask_loss_weight: weight of ``L_mask`` carried over from stage 1 (0 switches it off).
+        referring_weight: weight of the referring-expression loss (trains what grounding scores).
+        spatial_weight: weight of the spatial-question loss (two-region questions, LM answers).
+        classification_weight: weight of the stage-1 category loss carried on in stage 2 (0 freezes
+            the category head; otherwise it keeps learning with the encoder it reads).
+        lr: learning rate of the region prompt.
+        lora_lr: learning rate of the LM's trainable weights (default: ``lr``).
+        encoder_lr: learning rate of the vision side.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up before cosine decay to ``max_steps``.
+        max_new_tokens: caption length limit at generation.
+        num_beams: 1 for greedy decoding, more for beam search.
+        generation_batch_size: regions per ``generate`` call at evaluation.
+        ignore_regions: evaluate with every box replaced by the whole image (the control that
+            shows how much the captions depend on region information).
+        results_dir: where ``test`` writes ``results.json`` (default: the logger's folder).
+    """
+
+    def __init__(
+        self,
+        language_model: LanguageModelConfig = LanguageModelConfig(),
+        init_from: Optional[str] = None,
+        encoder: Optional[EncoderConfig] = None,
+        num_classes: Optional[int] = None,
+        categories: Optional[list[str]] = None,
+        head_hidden: Optional[int] = None,
+        attn_dim: Optional[int] = None,
+        masking: MaskingMode = "dynamic",
+        dynamic: DynamicMasking = DynamicMasking(),
+        use_segmentation: bool = False,
+        prompt_mode: PromptMode = "adaptive",
+        prompt_tokens: int = 4,
+        prompt_hidden: int = 512,
+        freeze_encoder: bool = False,
+        caption_weight: float = 1.0,
+        consistency_weight: float = 0.0,
+        mask_loss_weight: float = 0.0,
+        referring_weight: float = 0.0,
+        spatial_weight: float = 0.0,
+        classification_weight: float = 0.0,
+        lr: float = 1e-3,
+        lora_lr: Optional[float] = None,
+        encoder_lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 50,
+        max_new_tokens: int = 16,
+        num_beams: int = 1,
+        generation_batch_size: int = 256,
+        ignore_regions: bool = False,
+        results_dir: Optional[str] = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.hparams.update(resolve_from_stage1(self.hparams))
+        plain_hparams(self.hparams)
+        self.model = RegionCaptioner(CaptionerConfig.from_dict(dict(self.hparams)), build_language=False)
+        vision = self.model.vision
+        # stage 2 trains the category head only with classification_weight > 0 and the attention map
+        # only with L_mask; frozen, they are also no "unused parameters" for DDP
+        vision.head.requires_grad_(classification_weight > 0)
+        vision.attention.requires_grad_(mask_loss_weight > 0)
+        if freeze_encoder:
+            vision.encoder.requires_grad_(False)
+        self.collector = RegionTestCollector()
+        self._stage1_loaded = False
+
+    # The language model and the prompt (whose size follows the LM) are built in configure_model,
+    # which Lightning calls inside the strategy's init context: under DeepSpeed ZeRO-3 the LM is
+    # sharded as it is built. Outside a Trainer, the first use of `model.language` builds them.
+    def configure_model(self) -> None:
+        self.model.build_language()
+
+    def setup(self, stage: str) -> None:
+        # Lightning calls setup before it restores a checkpoint, so a resumed run ends with its own weights
+        if stage == "fit":
+            self.load_initial_weights()
+
+    def load_initial_weights(self) -> None:
+        """Load the stage-1 checkpoint ``init_from`` into the vision side (once; a no-op without it)."""
+        if self.hparams.init_from and not self._stage1_loaded:
+            load_stage1_weights(self.model.vision, read_checkpoint(self.hparams.init_from), self.hparams.init_from)
+            self._stage1_loaded = True
+
+    # ------------------------------------------------------------------ losses
+    def losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """All stage-2 loss terms of a batch (each logged) and ``loss``, their weighted sum."""
+        hp = self.hparams
+        terms = self.model.losses(
+            batch,
+            mask=hp.mask_loss_weight > 0,
+            referring=hp.referring_weight > 0,
+            spatial=hp.spatial_weight > 0,
+            classification=hp.classification_weight > 0,
+        )
+        weights = {
+            "caption_loss": hp.caption_weight, "consistency_loss": hp.consistency_weight, "mask_loss": hp.mask_loss_weight,
+            "referring_loss": hp.referring_weight, "spatial_loss": hp.spatial_weight, "cls_loss": hp.classification_weight,
+        }
+        total = sum(weights[name] * value for name, value in terms.items() if name in weights)
+        return {**terms, "loss": total}
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        language = self.model.language
+        tokens_before = language.text_tokens
+        losses = self.losses(batch)
+        self.last_batch_tokens = language.text_tokens - tokens_before  # supervised text tokens (RegionThroughputMonitor)
+        check_finite_loss(losses["loss"], self.global_step, losses)
+        bs = batch["images"].shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
+        self.log("train/caption", losses["caption_loss"].detach(), prog_bar=True, batch_size=bs, logger=False)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch["images"].shape[0], sync_dist=True, prog_bar=False)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        encoded = self.model.encode(batch, self.hparams.ignore_regions)
+        rows = self.model.describe_batch(batch, encoded)
+        self.collector.add(batch, rows, grounding=ground_expressions(self.model, batch, encoded), spatial=answer_questions(self.model, batch, encoded))
+
+    def on_test_epoch_start(self) -> None:
+        self.collector.reset()
+
+    def on_test_epoch_end(self) -> None:
+        results = self.collector.compute(self.hparams.categories or [], self.hparams.num_classes)
+        if results is None:  # not rank 0
+            return
+        for section in ("classification", "caption", "grounding", "spatial"):
+            for name, value in results.get(section, {}).items():
+                if isinstance(value, float):
+                    self.log(f"test/{section}/{name}", value, rank_zero_only=True)
+        out_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+        self.collector.write(results, out_dir)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict]:
+        return self.model.describe_batch(batch, ignore_regions=self.hparams.ignore_regions)
+
+    # ------------------------------------------------------------------ optimisation and checkpoints
+    def configure_optimizers(self) -> dict:
+        lr = self.hparams.lr
+        groups = [
+            {"params": list(self.model.prompt.parameters()), "lr": lr},
+            {"params": list(self.model.language.parameters()), "lr": self.hparams.lora_lr or lr},
+            {"params": list(self.model.vision.parameters()), "lr": self.hparams.encoder_lr},
+        ]
+        return adamw_with_schedule(groups, self.hparams.weight_decay, self.hparams.warmup_steps, self.trainer.estimated_stepping_batches)
+
+    def frozen_lm_keys(self) -> set[str]:
+        """State-dict keys (of this module) of frozen language-model weights (the base LM under LoRA)."""
+        return {CHECKPOINT_PREFIX + key for key in self.model.frozen_language_keys()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self.frozen_lm_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["frozen_lm_from"] = self.hparams.language_model["name_or_path"]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint fits, then fill in the frozen LM weights (loaded from the base LM)."""
+        state = {CHECKPOINT_PREFIX + k: v for k, v in captioner_weights(checkpoint["state_dict"]).items()}
+        own = self.state_dict()
+        frozen = self.frozen_lm_keys()
+        try:
+            check_weights_fit(own, state, "checkpoint", "this Stage2Module", may_miss=frozen)
+        except BadInputError as err:
+            raise BadInputError(f"{err} (a stage-1 checkpoint goes to `init_from`, not `ckpt_path`)") from None
+        for key in frozen - set(state):
+            state[key] = own[key]
+        checkpoint["state_dict"] = state
+
+
+def resolve_from_stage1(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``encoder``, ``num_classes``, ``categories``, ``head_hidden`` and ``attn_dim``, each taken from
+    the stage-1 checkpoint ``init_from`` when not given (the file is read only if one is missing)."""
+    keys = ("encoder", "num_classes", "categories", "head_hidden", "attn_dim")
+    given = {k: hparams.get(k) for k in keys}
+    stage1: dict[str, Any] = {}
+    if hparams.get("init_from") and any(v is None for v in given.values()):
+        stage1 = read_checkpoint(hparams["init_from"]).get("hyper_parameters", {})
+    encoder = optional_config(EncoderConfig, given["encoder"]) or optional_config(EncoderConfig, stage1.get("encoder"))
+    if encoder is None:
+        raise BadInputError("Stage2Module needs `encoder` or `init_from` (a stage-1 checkpoint to take the encoder from)")
+    num_classes = given["num_classes"] or stage1.get("num_classes")
+    if not num_classes:
+        raise BadInputError("Stage2Module needs `num_classes` or `init_from` (a stage-1 checkpoint to take it from)")
+    return {
+        "encoder": encoder,
+        "num_classes": num_classes,
+        "categories": given["categories"] or stage1.get("categories"),
+        "head_hidden": given["head_hidden"] or stage1.get("head_hidden", 256),
+        "attn_dim": given["attn_dim"] or stage1.get("attn_dim", 64),
+    }
