@@ -18,6 +18,7 @@ PRIVATE_NAMES = {
     "_TrainingEpochLoop.batch_progress": "batches read in this epoch (exact mid-epoch resume of the stream)",
     "LightningCLI._parse_ckpt_path": "where LightningCLI lets a checkpoint's hyper-parameters override the config",
     "lightning.fabric.strategies.deepspeed._validate_checkpoint_directory": "DeepSpeed's checkpoint-folder check",
+    "lightning.fabric.strategies.model_parallel._rekey_optimizer_state_if_needed": "optimizer state saved by parameter id, keyed by name for FSDP2",
 }
 
 
@@ -54,3 +55,11 @@ def validate_deepspeed_checkpoint_directory(path: Any) -> None:
     from lightning.fabric.strategies.deepspeed import _validate_checkpoint_directory
 
     _validate_checkpoint_directory(path)
+
+
+def rekey_optimizer_state(optimizer_state: dict, module: Any) -> dict:
+    """An optimizer state that Lightning saved keyed by parameter id (``ModelParallelStrategy``), keyed
+    by parameter name as ``torch.distributed.checkpoint.set_optimizer_state_dict`` expects."""
+    from lightning.fabric.strategies.model_parallel import _rekey_optimizer_state_if_needed
+
+    return _rekey_optimizer_state_if_needed(optimizer_state, module)

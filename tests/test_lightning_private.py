@@ -25,4 +25,7 @@ def test_every_private_attribute_is_where_the_package_reads_it(tmp_path):
     assert isinstance(trainer._logger_connector, _LoggerConnector) and hasattr(_LoggerConnector, "should_update_logs") and callable(_LoggerConnector.log_metrics)
     assert callable(LightningCLI._parse_ckpt_path)
     assert callable(fabric_deepspeed._validate_checkpoint_directory)
-    assert len(PRIVATE_NAMES) == 7
+    from lightning.fabric.strategies import model_parallel
+
+    assert callable(model_parallel._rekey_optimizer_state_if_needed)
+    assert len(PRIVATE_NAMES) == 8

@@ -5,6 +5,8 @@ config can say and to what a LoRA model needs:
 
 - :class:`RegionFSDPStrategy`: FSDP that wraps (and optionally activation-checkpoints) the blocks
   named by dotted class paths, since a YAML file cannot hold a set of classes.
+- :class:`RegionFSDP2Strategy`: PyTorch's FSDP2 (``fully_shard``) through Lightning's
+  ``ModelParallelStrategy``, one unit per named block; the FSDP path that also runs on CPU ranks.
 - :class:`RegionDeepSpeedStrategy`: DeepSpeed with frozen weights left out of checkpoints, a
   ZeRO-3 that can build a Hugging Face LM sharded in ``configure_model``, and resumption from its
   own frozen-weight-free checkpoints.
@@ -20,10 +22,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
-from fineregion_pl.lightning_private import fit_dataloader, validate_deepspeed_checkpoint_directory
+from fineregion_pl.lightning_private import fit_dataloader, rekey_optimizer_state, validate_deepspeed_checkpoint_directory
 from fineregion_pl.model.checkpoint_files import check_weights_fit
 from fineregion_pl.model.errors import BadInputError
 from fineregion_pl.model.vision_model import RegionVisionModel
@@ -125,6 +127,112 @@ class RegionFSDPStrategy(FSDPStrategy):
             timeout=as_timedelta(timeout),
             process_group_backend=process_group_backend,
         )
+
+
+class RegionFSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallel with PyTorch's FSDP2 (``fully_shard``), for stage 2.
+
+    Lightning's ``ModelParallelStrategy`` leaves the sharding to the module; this strategy does it
+    for our modules: every instance of a ``wrap_blocks`` class (the Swin block, the LM's decoder
+    layer) becomes its own FSDP unit, then the model as a whole, over one data-parallel mesh of all
+    ranks (no tensor parallelism). Unlike FSDP1 (:class:`RegionFSDPStrategy`), FSDP2 also runs on
+    CPU ranks over gloo, so this path is trained, saved and resumed by the CPU tests.
+
+    Frozen and trainable weights may share a unit (LoRA). With ``save_distributed_checkpoint:
+    false`` (the default) a save gathers one ``.ckpt`` file on rank 0, without the frozen base LM
+    (the module leaves it out, as on every strategy), which ``test``, ``predict`` and ``export`` read
+    as they are and ``--ckpt_path`` resumes from.
+
+    Args:
+        wrap_blocks: dotted class paths of the blocks that become FSDP units (classes the model
+            does not contain are ignored).
+        reshard_after_forward: free each unit's gathered weights after its forward (ZeRO-3-like,
+            least memory); ``false`` keeps them until backward (ZeRO-2-like, less communication).
+        save_distributed_checkpoint: ``true`` saves a folder with one shard per rank instead.
+        timeout: collective timeout (``"h:m:s"``).
+        process_group_backend: ``nccl`` / ``gloo`` (default: the accelerator's).
+    """
+
+    def __init__(
+        self,
+        wrap_blocks: Sequence[str] = DEFAULT_WRAP_BLOCKS,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = False,
+        timeout: Optional[timedelta] = timedelta(minutes=10),
+        process_group_backend: Optional[str] = None,
+    ):
+        self.wrap_blocks = list(wrap_blocks)
+        self._wrap_classes = tuple(import_classes(self.wrap_blocks, "RegionFSDP2Strategy.wrap_blocks"))
+        self.reshard_after_forward = reshard_after_forward
+        super().__init__(
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            timeout=as_timedelta(timeout),
+            process_group_backend=process_group_backend,
+        )
+
+    def setup_environment(self) -> None:
+        # every rank is a data-parallel replica holding a shard (Lightning's default would make the
+        # ranks of a node one tensor-parallel group, which needs a tensor-parallel plan we do not have)
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def setup(self, trainer: Any) -> None:
+        module = self.lightning_module
+        from fineregion_pl.model.captioner import RegionCaptioner
+
+        if not isinstance(getattr(module, "model", None), RegionCaptioner):
+            raise BadInputError(f"RegionFSDP2Strategy shards stage 2 (Stage2Module); for {type(module).__name__} use configs/strategies/ddp.yaml")
+        shard_blocks(module.model, self.device_mesh["data_parallel"], self._wrap_classes, self.reshard_after_forward)
+        super().setup(trainer)
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        # the module's checkpoints leave the frozen base LM out: load what is there into the sharded
+        # model, after checking that only frozen weights are missing
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            return super().load_checkpoint(path, weights_only)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from fineregion_pl.model.checkpoint_files import read_checkpoint
+
+        checkpoint = read_checkpoint(path)
+        module = self.lightning_module
+        frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        if module.strict_loading:
+            check_weights_fit(module.state_dict(), checkpoint["state_dict"], str(path), f"{type(module).__name__} (only frozen weights may be absent)", may_miss=frozen)
+        set_model_state_dict(module, checkpoint["state_dict"], options=StateDictOptions(full_state_dict=True, strict=False))
+        if module.trainer.state.fn == "fit" and checkpoint.get("optimizer_states"):
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+                set_optimizer_state_dict(module, optimizer, rekey_optimizer_state(state, module), options=StateDictOptions(full_state_dict=True))
+        return checkpoint
+
+
+# RegionCaptioner's entry points that training and evaluation call instead of forward: FSDP2
+# gathers the root unit's weights (patch embedding, norms, LM embedding, prompt) around these
+ROOT_ENTRY_POINTS = ("losses", "encode", "describe_batch", "generate", "score", "question_prompts")
+
+
+def shard_blocks(model: nn.Module, mesh: Any, block_classes: Sequence[type[nn.Module]], reshard_after_forward: bool = True) -> int:
+    """Apply FSDP2's ``fully_shard`` to every instance of ``block_classes`` in ``model``, then to ``model``.
+
+    The model's entry points (:data:`ROOT_ENTRY_POINTS` it has) are registered as forward methods
+    so the root unit's weights are gathered while they run. Returns how many blocks became units.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    blocks = [m for m in model.modules() if isinstance(m, tuple(block_classes))]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # the root keeps its weights between entry points until backward (FSDP2's default for a root;
+    # resharding it would free them between `encode` and the LM call inside `losses`)
+    fully_shard(model, mesh=mesh)
+    for name in ROOT_ENTRY_POINTS:
+        if callable(getattr(model, name, None)):
+            register_fsdp_forward_method(model, name)
+    return len(blocks)
 
 
 class RegionDeepSpeedStrategy(DeepSpeedStrategy):

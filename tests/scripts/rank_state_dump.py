@@ -28,7 +28,8 @@ class RankStateDump(L.Callback):
 
     def _dump(self, trainer: L.Trainer, module: L.LightningModule, when: str) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        # sharded weights (FSDP2's DTensors) are gathered whole: every rank runs the same gathers
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone() for k, v in module.state_dict().items()}
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}-{when}.pt")
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
