@@ -33,6 +33,7 @@ class Protocol:
         comparable_with: published numbers measured the same way (as the papers print them).
         not_comparable_with: numbers that look alike but were measured otherwise.
         expected_items: items in the published file, by file name, when the count is known.
+        published: whether any published number is measured this way.
     """
 
     name: str
@@ -43,6 +44,7 @@ class Protocol:
     comparable_with: str
     not_comparable_with: str
     expected_items: dict[str, tuple[int, str]] = field(default_factory=dict)
+    published: bool = True
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -88,6 +90,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "MDETR's finetune_refcocog_*.json (the candidates: every annotated box of the same COCO image), or the shards' referring expressions",
             "nothing published: the candidates come from the annotation, which no REC benchmark gives",
             "REC acc@0.5 (refcocog-rec): there the candidates are not the annotation's",
+            published=False,
         ),
     )
 }

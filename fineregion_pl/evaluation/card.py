@@ -64,7 +64,7 @@ def protocol_card(run: ProtocolRun, scored: int, model: Optional[dict] = None, p
     expected = protocol.expected_items.get(annotations.path.name)
     in_file = len(annotations.items)
     caption_task = protocol.task in ("regcap", "densecap")
-    reasons = []
+    reasons = [] if protocol.published else [f"{protocol.name}: no published number is measured this way"]
     if caption_task and run.score_without_java:
         reasons.append(NO_JAVA_NOTE)
     if scored < in_file:

@@ -5,7 +5,8 @@
   folder of per-rank files (every ``*.json`` but ``merged.json``, as GLaMM's ``evaluate.py`` merges them);
 - dense captions (``densecap``): COCO detection results with a caption,
   ``[{"image_id", "bbox": [x, y, w, h], "caption" (or GRiT's "object_descriptions"), "score"}]``;
-- boxes (``rec``, ``gt-ranking``): COCO detection results, one per sentence, ``[{"image_id", "bbox": [x, y, w, h]}]``.
+- boxes (``rec``, ``gt-ranking``): COCO detection results, one per sentence, ``[{"image_id", "bbox": [x, y, w, h]}]``
+  (``"bbox": null``: no candidate to pick, a miss).
 
 An id that is not in the annotation file, or one that appears twice, stops with a line naming the
 file, the entry and the id: results are never silently deduplicated (a repeated id is what a
@@ -88,9 +89,10 @@ def _xywh_box(row: dict, where: str, scale: float) -> list[float]:
 
 
 def read_box_predictions(path: str | Path, annotations: AnnotationFile) -> tuple[dict[Any, list[float]], list[Path]]:
-    """``({item id: picked box xyxy}, files read)``: one box per sentence."""
+    """``({item id: picked box xyxy, or None}, files read)``: one box per sentence; ``"bbox": null``
+    says the model had no candidate to pick (a miss that was evaluated, not a missing prediction)."""
     rows, files = read_prediction_rows(path)
-    return {item_id: _xywh_box(row, where, 1.0) for where, item_id, row in _unique(rows, annotations)}, files
+    return {item_id: None if row.get("bbox", "") is None else _xywh_box(row, where, 1.0) for where, item_id, row in _unique(rows, annotations)}, files
 
 
 def read_dense_predictions(path: str | Path, annotations: AnnotationFile, boxes_scaled_to: int = 0) -> tuple[dict[Any, list[dict]], list[Path]]:

@@ -71,8 +71,9 @@ class ProtocolCollector:
         rows.sort(key=lambda r: (order[r["image_id"]], str(r.get("region_id", ""))))
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        written = [r for r in rows if run.protocol.task in ("regcap", "densecap") or "bbox" in r]  # a sentence without candidates has no box
-        (out_dir / PREDICTIONS).write_text(json.dumps(written, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        if run.protocol.task in ("rec", "gt-ranking"):
+            rows = [{"bbox": None, **r} for r in rows]  # a sentence without candidates: evaluated, no box
+        (out_dir / PREDICTIONS).write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         results = score_predictions_file(run, out_dir / PREDICTIONS, model)
         results["card"]["predictions"]["files"] = [str(out_dir / PREDICTIONS)]
         write_results(results, out_dir, title=f"Test results: {run.protocol.name}")

@@ -43,7 +43,7 @@ def rec_scores(targets: dict[Any, list[float]], picked: dict[Any, Optional[list[
 
     Args:
         targets: every sentence's referred box.
-        picked: the predicted box of the sentences that have one.
+        picked: the predicted box of the sentences that have a prediction (None: no candidate to pick).
         candidates: per sentence, its candidate boxes (``{"box"}`` dicts).
     """
     ious = [box_iou_one(picked[k], box) if picked.get(k) is not None else 0.0 for k, box in targets.items()]
