@@ -111,6 +111,14 @@ def _box(record: dict, where: str, xyxy: bool, width: float, height: float) -> l
     return box
 
 
+def _region_box(ann: dict, where: str, xyxy: bool, width: int, height: int, with_images: bool) -> Optional[list[float]]:
+    """The annotation's box; without images (scoring a predictions file) only when it has one,
+    checked against the image size when the file gives one."""
+    if not with_images and "bbox" not in ann:
+        return None
+    return _box(ann, where, xyxy, width or float("inf"), height or float("inf"))
+
+
 def _size(image: dict, where: str) -> tuple[int, int]:
     width, height = _field(image, "width", where), _field(image, "height", where)
     if not (isinstance(width, (int, float)) and isinstance(height, (int, float)) and width > 0 and height > 0):
@@ -194,7 +202,7 @@ def _regcap_items(images: list[dict], by_image: dict, path: Path, protocol: Prot
             raise BadInputError(f"{where} has {len(anns)} annotations: {protocol.name} scores one region per image entry{hint}")
         ann = anns[0]
         name, width, height = _image_fields(image, where, with_images)
-        box = _box(ann, ann["_where"], xyxy, width, height) if with_images else None
+        box = _region_box(ann, ann["_where"], xyxy, width, height, with_images)
         region = {"id": ann["id"], "box": box, "captions": [_caption(ann, image, ann["_where"])]}
         items.append(EvalItem(id=image["id"], image=name, width=width, height=height, regions=[region]))
     return items
@@ -205,7 +213,7 @@ def _densecap_items(images: list[dict], by_image: dict, path: Path, protocol: Pr
     for n, image in enumerate(images):
         where = f"{path}: images[{n}] (id {image['id']!r})"
         name, width, height = _image_fields(image, where, with_images)
-        regions = [{"id": a["id"], "box": _box(a, a["_where"], xyxy, width, height) if with_images else None,
+        regions = [{"id": a["id"], "box": _region_box(a, a["_where"], xyxy, width, height, with_images),
                     "captions": [_caption(a, {}, a["_where"])]} for a in by_image.get(image["id"], [])]
         if regions:  # GRiT's reader skips images without annotations
             items.append(EvalItem(id=image["id"], image=name, width=width, height=height, regions=regions))

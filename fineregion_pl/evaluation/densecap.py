@@ -73,7 +73,7 @@ def densecap_map(ground_truth: dict[Any, list[dict]], detections: dict[Any, list
     order = sorted(range(len(records)), key=lambda i: -records[i]["score"])
 
     def average_precision(iou_t: float, meteor_t: float) -> float:
-        hits = torch.tensor([1.0 if records[i]["ok"] and records[i]["references"] and records[i]["iou"] >= iou_t and meteor[i] > meteor_t else 0.0 for i in order])
+        hits = torch.tensor([1.0 if records[i]["ok"] and records[i]["references"] and records[i]["iou"] >= iou_t and meteor[i] > meteor_t else 0.0 for i in order], dtype=torch.float64)
         tp, fp = hits.cumsum(0), (1 - hits).cumsum(0)
         recall, precision = tp / max(positives, 1), tp / (tp + fp)
         return float(torch.stack([(precision * (recall >= t)).max() for t in torch.arange(0, 1, 0.01, dtype=torch.float64)]).mean())

@@ -12,6 +12,7 @@ from fineregion_pl.data.protocol_data import ProtocolRun
 from fineregion_pl.evaluation.coco_caption import coco_caption_scores, require_java
 from fineregion_pl.evaluation.densecap import densecap_map
 from fineregion_pl.evaluation.rec import rec_scores
+from fineregion_pl.model.errors import BadInputError
 
 
 def _meteor_per_item(references: dict, candidates: dict) -> list[float]:
@@ -47,6 +48,8 @@ def score_dense(run: ProtocolRun, detections: dict[Any, list[dict]]) -> dict[str
     if run.densecap_map:
         require_java()  # METEOR decides which captions count
         truth = {item.id: item.regions for item in run.annotations.items}
+        if any(r["box"] is None for regions in truth.values() for r in regions):
+            raise BadInputError(f"{run.annotations.path}: DenseCap mAP needs every region's 'bbox'")
         out.update(densecap_map(truth, detections, _meteor_per_item))
     return out
 

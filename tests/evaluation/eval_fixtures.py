@@ -51,8 +51,9 @@ def tiny_stage2(stage1_checkpoint: Path, tiny_lm: Path, results_dir: Path):
 
 def run_test(stage1_checkpoint: Path, tiny_lm: Path, stage2_checkpoint: Path, out: Path, **data: Any) -> dict:
     """``trainer.test`` of the stage-2 test checkpoint with ``RegionDataModule(**data)``; the results.json it wrote."""
-    from fineregion_pl import RegionDataModule
     from conftest import tiny_trainer
+
+    from fineregion_pl import RegionDataModule
 
     module = tiny_stage2(stage1_checkpoint, tiny_lm, out)
     datamodule = RegionDataModule(**{"image_size": 64, "batch_size": 4, "num_workers": 0, **data})
