@@ -57,6 +57,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "refcocog_cap_val.json (Groma), refcocog_val.json (ControlCap/DynRefer, xyxy boxes)",
             "GLaMM, Osprey, Groma, DynRefer, ControlCap RefCOCOg region-captioning METEOR/CIDEr",
             "RefCOCOg numbers on other splits or packagings (lmms-eval's lmms-lab/RefCOCOg), or scored with several references per region",
+            {"finetune_refcocog_val_captions.json": (4896, "RefCOCOg umd val sentences as commonly reported; recalled, not checked against GLaMM's file")},
         ),
         Protocol(
             "vg-regcap", "regcap", "regions",
@@ -98,6 +99,13 @@ PROTOCOLS: dict[str, Protocol] = {
 SHARDS_PROTOCOLS = {
     "synthetic": "the synthetic benchmark's test split: synthetic-classification, synthetic-regcap (every reference of a region), gt-ranking, synthetic-spatial",
     "shards": "the test split of our converters' shards: shards-classification, shards-regcap (every reference of a region), gt-ranking, shards-spatial",
+}
+# the results.json section of each protocol a shards test runs, by name ({source}: synthetic or shards)
+SHARDS_SECTIONS = {
+    "classification": "{source}-classification",
+    "caption": "{source}-regcap",
+    "gt-ranking": "gt-ranking",
+    "spatial": "{source}-spatial",
 }
 
 

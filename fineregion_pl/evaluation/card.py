@@ -108,7 +108,7 @@ def _scorer(run: ProtocolRun) -> str:
 
 def shards_card(source: dict, scored: int, model: dict, java: bool = True) -> dict[str, Any]:
     """The card of a test on the shards' test split (the synthetic benchmark or our converters' output)."""
-    from fineregion_pl.data.protocols import SHARDS_PROTOCOLS
+    from fineregion_pl.data.protocols import SHARDS_PROTOCOLS, SHARDS_SECTIONS
 
     reasons = ["our own test split: no published protocol reads it"]
     if scored < source["expected_regions"]:
@@ -116,6 +116,7 @@ def shards_card(source: dict, scored: int, model: dict, java: bool = True) -> di
     card = {
         "protocol": source["protocol"],
         "summary": SHARDS_PROTOCOLS[source["protocol"]],
+        "sections": {section: name.format(source=source["protocol"]) for section, name in SHARDS_SECTIONS.items()},
         "annotations": source["files"],
         "items": {"unit": "regions", "scored": scored, "in_file": source["expected_regions"], "expected": source["expected_regions"]},
         "scorer": "captions: COCOEvalCap steps against every reference of a region; gt-ranking: acc@0.5 with chance",
@@ -148,6 +149,10 @@ def card_markdown(card: dict[str, Any]) -> str:
     for key in ("lm_tokenizer", "prompt", "decoding", "checkpoint", "world_size"):
         value = card.get(key)
         lines.append(f"- **{key.replace('_', ' ')}**: {_plain(value) if value is not None else 'not known (scored from a predictions file)'}")
+    if card.get("rows_per_rank"):
+        lines.append(f"- **prediction rows per rank**: {card['rows_per_rank']} (merged on rank 0, each item once)")
+    if card.get("sections"):
+        lines.append("- **sections**: " + ", ".join(f"`{section}` = {name}" for section, name in card["sections"].items()))
     version = card["code_version"]
     commit = f", git {version['git_commit'][:12]}{' (with uncommitted changes)' if version['git_dirty'] else ''}" if version.get("git_commit") else ""
     lines.append(f"- **code**: fineregion_pl {version['fineregion_pl']}{commit}")

@@ -76,6 +76,7 @@ class ProtocolCollector:
         (out_dir / PREDICTIONS).write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         results = score_predictions_file(run, out_dir / PREDICTIONS, model)
         results["card"]["predictions"]["files"] = [str(out_dir / PREDICTIONS)]
+        results["card"]["rows_per_rank"] = [len(part) for part in everything]  # each rank's share: no rank idle, none padded
         write_results(results, out_dir, title=f"Test results: {run.protocol.name}")
         print(f"\n{results_table(results)}\n\nresults written to {out_dir / 'results.json'} (card: {out_dir / 'results.md'})", flush=True)
         return results

@@ -9,6 +9,7 @@ import lightning as L
 from torch import Tensor
 
 from fineregion_pl.evaluation.card import model_fields
+from fineregion_pl.evaluation.coco_caption import require_java
 from fineregion_pl.evaluation.collector import RegionTestCollector
 from fineregion_pl.evaluation.loops import answer_questions, ground_expressions
 from fineregion_pl.evaluation.protocol_collector import ProtocolCollector
@@ -184,6 +185,12 @@ class Stage2Module(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.collector.reset()
         self.protocol_collector.reset()
+        run = self._protocol_run()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        without_java = run.score_without_java if run is not None else getattr(getattr(datamodule, "hparams", None), "score_without_java", False)
+        captions = run is None or run.protocol.task in ("regcap", "densecap")
+        if (captions and not without_java) or (run is not None and run.densecap_map):  # DenseCap mAP needs METEOR
+            require_java()  # stop before the model runs, not after hours of generation
 
     def _protocol_run(self):
         """The DataModule's protocol run (``--data.protocol``), or None for the shards' test split."""

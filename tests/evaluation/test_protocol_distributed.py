@@ -1,4 +1,8 @@
-"""``fineregion-pl test --data.protocol`` on 2 gloo ranks writes the numbers it writes on 1 (odd item count: padding would show)."""
+"""``fineregion-pl test --data.protocol`` on 2 gloo ranks writes the numbers it writes on 1 (odd item count: padding would show).
+
+Each run is a real ``python -m fineregion_pl test`` process; with ``devices: 2`` Lightning's DDP
+launcher starts the second rank as another process and they merge over gloo.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ def run_cli_test(tmp_path: Path, devices: int, annotation: Path, images: Path, s
             "init_from": str(stage1), "prompt_tokens": 2, "prompt_hidden": 32, "max_new_tokens": 6, "results_dir": str(out),
             "language_model": {"name_or_path": str(tiny_lm), "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}}}},
         "data": {"image_size": 64, "batch_size": 2, "num_workers": 0, "protocol": "refcocog-regcap", "annotations": str(annotation),
-                 "images": str(images), "score_without_java": True},
+                 "images": str(images)},  # scored with Java: PTB tokenizer and METEOR, as published numbers are
     }
     path = tmp_path / f"test{devices}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -58,4 +62,7 @@ def test_two_gloo_ranks_write_the_numbers_of_one(tmp_path, stage1_checkpoint, ti
     assert results[1]["refcocog-regcap"] == results[2]["refcocog-regcap"]
     assert results[2]["refcocog-regcap"]["scored"] == results[2]["card"]["items"]["scored"] == 5
     assert (results[1]["card"]["world_size"], results[2]["card"]["world_size"]) == (1, 2)
+    # two processes evaluated: rank 0 items 0, 2, 4 and rank 1 items 1, 3, merged on rank 0
+    assert results[1]["card"]["rows_per_rank"] == [5] and results[2]["card"]["rows_per_rank"] == [3, 2]
+    assert "METEOR" in results[2]["refcocog-regcap"] and results[2]["card"]["comparable"] is False  # 5 sentences, not the published set
     assert json.loads((one / "predictions.json").read_text()) == json.loads((two / "predictions.json").read_text())

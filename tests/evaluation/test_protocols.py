@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from fineregion_pl.commands.evaluate import evaluate
 from fineregion_pl.data.annotations import read_annotations
 from fineregion_pl.data.protocol_data import ProtocolRun, ProtocolStream, open_protocol_run
 from fineregion_pl.data.protocols import PROTOCOLS
+from fineregion_pl.evaluation.coco_caption import MissingJavaError
 from fineregion_pl.evaluation.rec import box_iou_one, pick_box, rec_scores
 
 CASES = {
@@ -148,6 +150,16 @@ def test_the_shards_test_names_its_protocol_and_prints_gt_ranking_chance(synthet
     manifest = synthetic_data / "test" / "manifest.json"
     assert card["protocol"] == "synthetic" and card["annotations"][0]["sha256"] == sha256(manifest)
     assert card["items"]["scored"] == card["items"]["expected"] == json.loads(manifest.read_text())["num_regions"]
+    assert card["sections"] == {"classification": "synthetic-classification", "caption": "synthetic-regcap", "gt-ranking": "gt-ranking", "spatial": "synthetic-spatial"}
     ranking = results["gt-ranking"]
     assert 0.0 < ranking["chance"] < 1.0 and ranking["expressions"] > 0
     assert "| gt-ranking | chance |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_protocol_test_without_java_stops_before_the_model_runs(stage1_checkpoint, tiny_lm, stage2_checkpoint, tmp_path, monkeypatch):
+    need_eval_fixtures()
+    images = images_for(GLAMM_REFCOCOG, tmp_path / "images")
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no `java`
+    with pytest.raises(MissingJavaError, match=r"^caption scoring needs Java .*\(--data\.score_without_java true"):
+        run_test(stage1_checkpoint, tiny_lm, stage2_checkpoint, tmp_path / "run", protocol="refcocog-regcap", annotations=str(GLAMM_REFCOCOG), images=str(images))
+    assert not (tmp_path / "run" / "predictions.json").exists()

@@ -61,7 +61,9 @@ def test_evaluate_on_glamm_outputs_equals_cocoevalcap_called_as_glamm_calls_it(t
     for metric, value in reference.items():
         assert ours["refcocog-regcap"][metric] == value, metric  # exactly: same tokenizer, scorers, ids and order
     card = ours["card"]
-    assert card["metric_tokenizer"].startswith("PTBTokenizer") and card["comparable"]
+    assert card["metric_tokenizer"].startswith("PTBTokenizer") and card["items"]["scored"] == 6
+    # scored the way published numbers are; only the fixture's size (6 of RefCOCOg val's 4,896 sentences) makes it not comparable
+    assert card["not_comparable_because"] == ["the file has 6 sentences, the published set 4896 (RefCOCOg umd val sentences as commonly reported; recalled, not checked against GLaMM's file)"]
     assert card["predictions"]["files"] == ["GLaMM-RegCap-RefCOCOg_refcocog_0.json"]
     assert "| refcocog-regcap | CIDEr |" in done.stdout
 
