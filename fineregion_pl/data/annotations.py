@@ -10,12 +10,12 @@ them: ``docs/evaluation.md``.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from fineregion_pl.data.json_files import read_json_file
 from fineregion_pl.data.protocols import Protocol
 from fineregion_pl.model.boxes import check_box
 from fineregion_pl.model.errors import BadInputError
@@ -69,26 +69,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def read_json_file(path: Path, what: str) -> Any:
-    """A JSON (or JSONL, by suffix) file, with one-line errors for a missing or malformed file."""
-    if not path.is_file():
-        raise BadInputError(f"{what} not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise BadInputError(f"{path}: line {number} is not JSON ({err.msg})") from None
-        return rows
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise BadInputError(f"{path}: not JSON ({err.msg} at line {err.lineno})") from None
 
 
 def _field(record: dict, key: str, where: str) -> Any:

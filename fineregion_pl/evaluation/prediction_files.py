@@ -18,7 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fineregion_pl.data.annotations import AnnotationFile, read_json_file
+from fineregion_pl.data.annotations import AnnotationFile
+from fineregion_pl.data.json_files import read_json_file
 from fineregion_pl.model.boxes import check_box
 from fineregion_pl.model.errors import BadInputError
 
