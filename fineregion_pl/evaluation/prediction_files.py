@@ -46,9 +46,7 @@ def _item_id(row: Any, where: str, ids: dict[str, Any], annotations: AnnotationF
     if not isinstance(row, dict) or "image_id" not in row:
         raise BadInputError(f"{where} has no 'image_id'")
     key = row["image_id"]
-    if key in ids.values() and not isinstance(key, bool):
-        return key
-    if str(key) in ids:  # Osprey writes ids as strings
+    if not isinstance(key, bool) and str(key) in ids:  # by text: Osprey writes ids as strings
         return ids[str(key)]
     raise BadInputError(f"{where} has image_id {key!r}, which is not in {annotations.path.name} (every result's id must be in the ground truth, as COCO.loadRes requires)")
 

@@ -21,6 +21,15 @@ def xywh(box: list[float]) -> list[float]:
     return [x0, y0, x1 - x0, y1 - y0]
 
 
+def score_in_chunks(captioner: RegionCaptioner, prompts: torch.Tensor, texts: list[str], task: str) -> torch.Tensor:
+    """:meth:`RegionCaptioner.score` over ``generation_batch_size`` rows at a time: a batch of
+    sentences times a detector's proposals can be thousands of rows, whose logits would not fit at once."""
+    step = captioner.config.generation_batch_size
+    if not texts:
+        return torch.zeros(0)
+    return torch.cat([captioner.score(prompts[i : i + step], texts[i : i + step], task).float().cpu() for i in range(0, len(texts), step)])
+
+
 @torch.no_grad()
 def protocol_rows(captioner: RegionCaptioner, batch: dict[str, Any], encoded: EncodedBatch, task: str, score_captions: bool = False) -> list[dict]:
     """Prediction rows of a :func:`~fineregion_pl.data.protocol_data.collate_protocol` batch.
@@ -36,7 +45,7 @@ def protocol_rows(captioner: RegionCaptioner, batch: dict[str, Any], encoded: En
         rows = captioner.describe_batch(batch, encoded)
         if task == "regcap":
             return [{"image_id": r["image_id"], "caption": r["caption"]} for r in rows]
-        scores = captioner.score(encoded.prompts, [r["caption"] for r in rows], "caption").tolist() if score_captions and rows else [0.0] * len(rows)
+        scores = score_in_chunks(captioner, encoded.prompts, [r["caption"] for r in rows], "caption").tolist() if score_captions and rows else [0.0] * len(rows)
         original = {(item["id"], rid): box for item in items for rid, box in zip(item["region_ids"], item["boxes"])}
         return [{"image_id": r["image_id"], "region_id": r["region_id"], "bbox": xywh(original[r["image_id"], r["region_id"]]), "caption": r["caption"], "score": float(s)}
                 for r, s in zip(rows, scores)]
@@ -44,7 +53,7 @@ def protocol_rows(captioner: RegionCaptioner, batch: dict[str, Any], encoded: En
     per_item = [(image_of == b).nonzero().flatten() for b in range(len(items))]
     flat = torch.cat(per_item) if per_item else image_of.new_zeros(0)
     sentences = [items[b]["expression"] for b, rows in enumerate(per_item) for _ in range(len(rows))]
-    scores = captioner.score(encoded.prompts[flat], sentences, "referring") if len(flat) else torch.zeros(0)
+    scores = score_in_chunks(captioner, encoded.prompts[flat], sentences, "referring")
     out, start = [], 0
     for b, rows in enumerate(per_item):
         row: dict[str, Any] = {"image_id": items[b]["id"], "candidates": len(rows)}

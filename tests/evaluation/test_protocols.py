@@ -163,3 +163,20 @@ def test_a_protocol_test_without_java_stops_before_the_model_runs(stage1_checkpo
     with pytest.raises(MissingJavaError, match=r"^caption scoring needs Java .*\(--data\.score_without_java true"):
         run_test(stage1_checkpoint, tiny_lm, stage2_checkpoint, tmp_path / "run", protocol="refcocog-regcap", annotations=str(GLAMM_REFCOCOG), images=str(images))
     assert not (tmp_path / "run" / "predictions.json").exists()
+
+
+def test_scoring_in_chunks_gives_the_scores_of_one_call(stage2_checkpoint):
+    import torch
+
+    from fineregion_pl.evaluation.protocol_loop import score_in_chunks
+    from fineregion_pl.model.captioner import RegionCaptioner
+
+    captioner = RegionCaptioner.from_checkpoint(str(stage2_checkpoint)).eval()
+    prompts = torch.randn(5, 3, captioner.language.hidden_size, generator=torch.Generator().manual_seed(0))
+    texts = ["the red circle", "a blue square on the left", "thing", "the big one", "a green triangle"]
+    with torch.no_grad():
+        whole = captioner.score(prompts, texts, "referring").float()
+        captioner.config.generation_batch_size = 2  # 5 rows: chunks of 2, 2, 1
+        chunked = score_in_chunks(captioner, prompts, texts, "referring")
+    assert chunked.shape == (5,) and torch.allclose(chunked, whole, atol=1e-4)
+    assert score_in_chunks(captioner, prompts[:0], [], "referring").shape == (0,)
