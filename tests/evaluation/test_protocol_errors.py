@@ -72,7 +72,7 @@ def test_repeated_result_ids_are_named_not_deduplicated(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_missing_java_is_a_clear_error_and_java_false_scores_labelled_not_comparable(tmp_path):
+def test_missing_java_is_a_clear_error_and_java_false_scores_labelled_not_comparable(tmp_path, monkeypatch):
     need_eval_fixtures()
     no_java = dict(os.environ, PATH=str(Path(sys.executable).parent))  # this Python, and no `java`
     assert shutil.which("java", path=no_java["PATH"]) is None
@@ -82,9 +82,8 @@ def test_missing_java_is_a_clear_error_and_java_false_scores_labelled_not_compar
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("fineregion-pl: error: caption scoring needs Java") and "--java false" in last
     assert not (tmp_path / "a" / "results.json").exists()  # nothing half-scored is written
-    done = subprocess.run(command + ["--out", str(tmp_path / "b"), "--java", "false"], cwd=ROOT, env=no_java, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    monkeypatch.setenv("PATH", no_java["PATH"])  # the same without Java, in this process: `--java false`
+    results = evaluate("refcocog-regcap", str(GLAMM_REFCOCOG), str(GLAMM_RESULTS), out=str(tmp_path / "b"), java=False)
     assert "METEOR" not in results["refcocog-regcap"] and results["refcocog-regcap"]["CIDEr"] > 0
     assert results["card"]["metric_tokenizer"].startswith("Python regex tokenizer") and not results["card"]["comparable"]
     assert any("without Java" in reason for reason in results["card"]["not_comparable_because"])
