@@ -31,8 +31,8 @@ COLUMNS = [
     ("classification", "macro_f1", "Region cls. F1"),
     ("caption", "CIDEr", "CIDEr"),
     ("caption", "METEOR", "METEOR"),
-    ("grounding", "acc@0.5", "Grounding acc@0.5"),
-    ("grounding", "mIoU", "Grounding mIoU"),
+    ("gt-ranking", "acc@0.5", "gt-ranking acc@0.5"),
+    ("gt-ranking", "mIoU", "gt-ranking mIoU"),
     ("spatial", "accuracy", "Spatial acc."),
 ]
 
@@ -98,13 +98,18 @@ def plan_runs(
     return [run for name, run in stage1_runs.items() if name in needed] + stage2_runs
 
 
+def _section(results: dict, section: str) -> dict:
+    """A section of a results.json; runs finished before gt-ranking had its name call it "grounding"."""
+    return results.get(section) or (results.get("grounding", {}) if section == "gt-ranking" else {})
+
+
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float, int]]]:
     """Per row and column: mean, standard deviation (0 for one seed) and the number of seeds."""
     table = {}
     for name, runs in results.items():
         table[name] = {}
         for section, metric, _ in COLUMNS:
-            values = [r[section][metric] for r in runs if metric in r.get(section, {})]
+            values = [_section(r, section)[metric] for r in runs if metric in _section(r, section)]
             if values:
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 table[name][f"{section}/{metric}"] = (statistics.fmean(values), std, len(values))
@@ -119,8 +124,8 @@ def markdown_tables(rows: dict[str, dict], summary: dict, command: str, seconds:
         "# Comparison on the synthetic benchmark",
         "",
         "Test split of the built-in synthetic benchmark; mean ± standard deviation over seeds. Region "
-        "classification is the stage-1 head's; captions are scored by pycocoevalcap; grounding ranks an "
-        "image's regions by the likelihood of the referring expression; spatial questions are answered "
+        "classification is the stage-1 head's; captions are scored by pycocoevalcap; gt-ranking ranks an "
+        "image's annotated regions by the likelihood of the referring expression (not REC); spatial questions are answered "
         "by the language model.",
         "",
         f"Made by: `{command}` ({seconds / 60:.0f} min on this machine).",

@@ -94,7 +94,7 @@ def quickstart(
             "caption_CIDEr": control_results["caption"]["CIDEr"],
             "caption_exact_match": control_results["caption"]["exact_match"],
             "classification_accuracy": control_results["classification"]["accuracy"],
-            "grounding_acc@0.5": control_results["grounding"]["acc@0.5"],
+            "gt-ranking_acc@0.5": control_results["gt-ranking"]["acc@0.5"],
         }
     results["run"] = {"workdir": str(root), "stage1_checkpoint": str(stage1_ckpt), "stage2_checkpoint": str(stage2_ckpt), "seconds": round(time.time() - started, 1)}
     write_results(results, root, title="Quickstart results (synthetic benchmark, test split)")

@@ -30,7 +30,10 @@ import lightning as L
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from fineregion_pl.data.annotations import file_sha256
 from fineregion_pl.data.image_folder import BadInputError, ImageBoxesDataset
+from fineregion_pl.data.protocol_data import ProtocolRun, ProtocolStream, collate_protocol, open_protocol_run
+from fineregion_pl.data.protocols import ProtocolName
 from fineregion_pl.data.shards import read_manifest, split_shards
 from fineregion_pl.lightning_private import batches_read_this_epoch
 from fineregion_pl.model.transforms import collate_regions, to_region_sample
@@ -227,6 +230,16 @@ class RegionDataModule(L.LightningDataModule):
         train_split, val_split, test_split, predict_split: split folder names.
         predict_images: a folder of images to predict on (with ``predict_boxes``) instead of a split.
         predict_boxes: JSON/JSONL boxes per image of ``predict_images`` (see ``data/image_folder.py``).
+        protocol: ``test`` on a published evaluation protocol instead of the shards' test split
+            (``refcocog-regcap``, ``vg-regcap``, ``vg-densecap``, ``refcocog-rec``, ``gt-ranking``;
+            see ``fineregion_pl/data/protocols.py`` and ``docs/evaluation.md``).
+        annotations: the protocol's annotation file, as distributed.
+        images: the folder its image file names are relative to (the original images).
+        proposals: ``refcocog-rec``: a COCO detection-results file of candidate boxes
+            (``vg-densecap``: boxes to caption instead of the annotated ones).
+        densecap_map: ``vg-densecap`` also computes DenseCap mAP (needs Java for METEOR).
+        score_without_java: score captions without Java (no PTB tokenizer, no METEOR); the results
+            card labels such numbers as not comparable with published ones.
     """
 
     def __init__(
@@ -247,10 +260,17 @@ class RegionDataModule(L.LightningDataModule):
         predict_split: str = "test",
         predict_images: Optional[str] = None,
         predict_boxes: Optional[str] = None,
+        protocol: Optional[ProtocolName] = None,
+        annotations: Optional[str] = None,
+        images: Optional[str] = None,
+        proposals: Optional[str] = None,
+        densecap_map: bool = False,
+        score_without_java: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.data_dirs = [str(d) for d in data_dirs]
+        self.protocol_run: Optional[ProtocolRun] = None
         if weights is not None and len(weights) != len(self.data_dirs):
             raise BadInputError(
                 f"data.weights has {len(weights)} entries for {len(self.data_dirs)} data_dirs {list(self.data_dirs)}: give one weight per "
@@ -327,7 +347,36 @@ class RegionDataModule(L.LightningDataModule):
         return self._loader(self.hparams.val_split, train=False)
 
     def test_dataloader(self) -> DataLoader:
+        if self.hparams.protocol:
+            return self._protocol_loader()
         return self._loader(self.hparams.test_split, train=False)
+
+    def open_protocol(self) -> ProtocolRun:
+        """The protocol run of ``data.protocol`` (read and checked once: files, images, sizes)."""
+        if self.protocol_run is None:
+            hp = self.hparams
+            self.protocol_run = open_protocol_run(hp.protocol, hp.annotations, hp.images, hp.proposals, hp.densecap_map, hp.score_without_java)
+        return self.protocol_run
+
+    def _protocol_loader(self) -> DataLoader:
+        rank, world = self._rank()
+        stream = ProtocolStream(self.open_protocol(), self.hparams.image_size, rank, world)
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        workers = min(self.hparams.num_workers, len(stream.indices()))
+        return DataLoader(stream, batch_size=batch_size, collate_fn=collate_protocol, num_workers=workers)
+
+    def test_source(self) -> dict:
+        """What the shards' test split is, for the results card: the manifests, their SHA-256 and region counts."""
+        split = self.hparams.test_split
+        files = [Path(d) / split / "manifest.json" for d in self.data_dirs]
+        manifests = [read_manifest(f.parent) for f in files]
+        synthetic = all(m.get("source") == "synthetic" for m in manifests)
+        return {
+            "protocol": "synthetic" if synthetic else "shards",
+            "files": [{"file": str(f), "sha256": file_sha256(f), "source": m.get("source")} for f, m in zip(files, manifests)],
+            "expected_regions": sum(int(m.get("num_regions", 0)) for m in manifests),
+            "max_regions": self.hparams.max_regions,
+        }
 
     def predict_dataloader(self) -> DataLoader:
         if self.hparams.predict_boxes or self.hparams.predict_images:

@@ -14,7 +14,6 @@ line naming it, and counted.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -22,26 +21,14 @@ from typing import Any, Optional
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from fineregion_pl.data.json_files import read_json_file
 from fineregion_pl.model.boxes import check_box
 from fineregion_pl.model.errors import BadInputError
 from fineregion_pl.model.transforms import RegionSample, to_region_sample
 
 
 def _image_entries(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        entries = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise BadInputError(f"{path}: line {number} is not JSON ({err.msg})") from None
-        return entries
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise BadInputError(f"{path}: not JSON ({err.msg} at line {err.lineno})") from None
+    data = read_json_file(path, "boxes file")
     if isinstance(data, dict):
         return [{"image": name, "boxes": boxes} for name, boxes in data.items()]
     if isinstance(data, list):

@@ -1,48 +1,33 @@
-"""Caption metrics computed by pycocoevalcap (the COCO caption evaluation code).
+"""Caption metrics of the shards' test split (every reference sentence of each region), through :mod:`fineregion_pl.evaluation.coco_caption`.
 
-CIDEr, METEOR, BLEU-4 and ROUGE-L over all reference sentences of each region. The PTB
-tokenizer and METEOR run Java (a JRE must be on PATH).
+CIDEr, METEOR, BLEU-4 and ROUGE-L as ``COCOEvalCap`` computes them. The PTB tokenizer and METEOR
+run Java (a JRE must be on PATH, unless ``java=False``).
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Hashable
 
+from fineregion_pl.evaluation.coco_caption import coco_caption_scores
 
-def caption_metrics(predictions: dict[Hashable, str], references: dict[Hashable, list[str]]) -> dict[str, float]:
+
+def caption_metrics(predictions: dict[Hashable, str], references: dict[Hashable, list[str]], java: bool = True) -> dict[str, float]:
     """Score one predicted caption per key against that key's reference captions.
 
     Args:
         predictions: ``{key: caption}``.
         references: ``{key: [reference, ...]}``; must cover every key of ``predictions``.
+        java: PTB tokenizer and METEOR (see :func:`~fineregion_pl.evaluation.coco_caption.coco_caption_scores`).
 
     Returns:
-        ``{"CIDEr", "METEOR", "BLEU-4", "ROUGE-L"}`` as floats (pycocoevalcap's values).
+        ``{"CIDEr", "METEOR", "BLEU-4", "ROUGE-L"}`` as floats (pycocoevalcap's values; no METEOR without Java).
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    if shutil.which("java") is None:
-        raise RuntimeError("caption metrics need Java (pycocoevalcap's PTB tokenizer and METEOR): install a JRE, e.g. apt-get install default-jre-headless")
     missing = [k for k in predictions if k not in references]
     if missing:
         raise KeyError(f"{len(missing)} prediction(s) have no references, e.g. {missing[0]!r}")
     if not predictions:
         return {"CIDEr": 0.0, "METEOR": 0.0, "BLEU-4": 0.0, "ROUGE-L": 0.0}
-    keys = {k: str(i) for i, k in enumerate(predictions)}
-    tokenizer = PTBTokenizer()
-    res = tokenizer.tokenize({keys[k]: [{"caption": predictions[k]}] for k in predictions})
-    gts = tokenizer.tokenize({keys[k]: [{"caption": r} for r in references[k]] for k in predictions})
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    meteor = Meteor()
-    try:
-        meteor_score, _ = meteor.compute_score(gts, res)
-    finally:
-        meteor.close() if hasattr(meteor, "close") else None
-    cider, _ = Cider().compute_score(gts, res)
-    rouge, _ = Rouge().compute_score(gts, res)
-    return {"CIDEr": float(cider), "METEOR": float(meteor_score), "BLEU-4": float(bleu[3]), "ROUGE-L": float(rouge)}
+    number = {k: i for i, k in enumerate(predictions)}
+    scores = coco_caption_scores({number[k]: references[k] for k in predictions}, {number[k]: v for k, v in predictions.items()}, java=java)
+    names = {"CIDEr": "CIDEr", "METEOR": "METEOR", "BLEU-4": "Bleu_4", "ROUGE-L": "ROUGE_L"}
+    return {ours: scores[theirs] for ours, theirs in names.items() if theirs in scores}

@@ -1,4 +1,9 @@
-"""Collects a test run's region predictions on every rank and turns them into ``results.json``."""
+"""Collects a test run's region predictions on the shards' test split on every rank and turns them into ``results.json``.
+
+The stream reads every shard exactly once over all ranks; rank 0 checks that no region came
+twice (no silent deduplication) before scoring. Published protocols have their own collector:
+:mod:`fineregion_pl.evaluation.protocol_collector`.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-import torch.distributed as dist
-
 from fineregion_pl.evaluation.captions import caption_metrics
+from fineregion_pl.evaluation.card import shards_card
 from fineregion_pl.evaluation.classification import category_from_text, classification_metrics
+from fineregion_pl.evaluation.gather import check_exactly_once, gather_to_rank0
 from fineregion_pl.evaluation.grounding import grounding_metrics
 from fineregion_pl.evaluation.report import results_table, write_results
 
@@ -36,27 +41,26 @@ class RegionTestCollector:
             self.rows.append({**row, "references": batch["references"][b][n], "target": int(batch["categories"][b, n])})
 
     def gather(self) -> bool:
-        """Bring all ranks' rows to rank 0; returns whether this is rank 0."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            everything: list = [None] * dist.get_world_size()
-            dist.all_gather_object(everything, (self.rows, self.grounding, self.spatial))
-            if dist.get_rank() != 0:
-                return False
-            self.rows = [r for rows, _, _ in everything for r in rows]
-            self.grounding = [g for _, grounding, _ in everything for g in grounding]
-            self.spatial = [s for _, _, spatial in everything for s in spatial]
-        unique = {(str(r["image_id"]), str(r["region_id"])): r for r in self.rows}
-        self.rows = [unique[k] for k in sorted(unique)]
+        """Bring all ranks' rows to rank 0 and check each region came once; returns whether this is rank 0."""
+        everything = gather_to_rank0((self.rows, self.grounding, self.spatial))
+        if everything is None:
+            return False
+        self.rows = [r for rows, _, _ in everything for r in rows]
+        self.grounding = [g for _, grounding, _ in everything for g in grounding]
+        self.spatial = [s for _, _, spatial in everything for s in spatial]
+        key = lambda r: (str(r["image_id"]), str(r["region_id"]))
+        check_exactly_once(self.rows, key, what="region")
+        self.rows.sort(key=key)
         return True
 
-    def compute(self, categories: list[str], num_classes: int) -> Optional[dict]:
-        """Caption, classification, grounding and spatial metrics over everything collected (rank 0 only)."""
+    def compute(self, categories: list[str], num_classes: int, java: bool = True) -> Optional[dict]:
+        """Caption, classification, gt-ranking and spatial metrics over everything collected (rank 0 only)."""
         if not self.gather():
             return None
         rows = self.rows
         scored = [r for r in rows if r["references"]]  # captions of regions without references are not scored
         keys = [(r["image_id"], r["region_id"]) for r in scored]
-        caption = caption_metrics({k: r["caption"] for k, r in zip(keys, scored)}, {k: r["references"] for k, r in zip(keys, scored)})
+        caption = caption_metrics({k: r["caption"] for k, r in zip(keys, scored)}, {k: r["references"] for k, r in zip(keys, scored)}, java=java)
         targets = [r["target"] for r in rows]
         head = classification_metrics([r["category_id"] for r in rows], targets, num_classes)
         text = classification_metrics([category_from_text(r["caption"], categories) for r in rows], targets, num_classes)
@@ -71,15 +75,18 @@ class RegionTestCollector:
                 "regions": head["count"],
             },
             "caption": caption,
-            "grounding": grounding_metrics(self.grounding),
+            "gt-ranking": grounding_metrics(self.grounding),
             "spatial": {
                 "accuracy": sum(p.strip().lower() == t.strip().lower() for p, t in self.spatial) / max(1, len(self.spatial)),
                 "questions": len(self.spatial),
             },
         }
 
-    def write(self, results: dict, out_dir: Path) -> None:
-        """Write ``results.json``, ``results.md`` and ``predictions.jsonl``; print the table."""
+    def write(self, results: dict, out_dir: Path, source: Optional[dict] = None, model: Optional[dict] = None, java: bool = True) -> None:
+        """Write ``results.json`` (with its card when ``source`` and ``model`` are given), ``results.md``
+        and ``predictions.jsonl``; print the table."""
+        if source is not None and model is not None:
+            results = {"card": shards_card(source, len(self.rows), model, java), **results}
         write_results(results, out_dir, title="Test results")
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows)
         (Path(out_dir) / "predictions.jsonl").write_text(text, encoding="utf-8")

@@ -28,10 +28,14 @@ def grounding_outcome(scores: Tensor, candidate_boxes: Tensor, target_box: Tenso
     return float((ious >= 0.5).float().mean()), float(ious.mean())
 
 
-def grounding_metrics(outcomes: list[tuple[float, float]]) -> dict[str, float]:
-    """``acc@0.5`` and ``mIoU`` over expressions' outcomes from :func:`grounding_outcome`."""
+def grounding_metrics(outcomes: list[tuple[float, ...]]) -> dict[str, float]:
+    """``acc@0.5`` and ``mIoU`` over expressions' outcomes ``(hit, IoU)`` from :func:`grounding_outcome`,
+    and ``chance`` when the outcomes carry a third value (the hit a random pick would score)."""
     if not outcomes:
         return {"acc@0.5": 0.0, "mIoU": 0.0, "expressions": 0}
-    hits = torch.tensor([h for h, _ in outcomes])
-    ious = torch.tensor([i for _, i in outcomes])
-    return {"acc@0.5": float(hits.mean()), "mIoU": float(ious.mean()), "expressions": len(outcomes)}
+    hits = torch.tensor([o[0] for o in outcomes], dtype=torch.float64)
+    ious = torch.tensor([o[1] for o in outcomes], dtype=torch.float64)
+    out = {"acc@0.5": float(hits.mean()), "mIoU": float(ious.mean()), "expressions": len(outcomes)}
+    if all(len(o) > 2 for o in outcomes):
+        out["chance"] = float(torch.tensor([o[2] for o in outcomes], dtype=torch.float64).mean())
+    return out

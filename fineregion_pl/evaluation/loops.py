@@ -12,13 +12,15 @@ from typing import Any
 import torch
 
 from fineregion_pl.evaluation.grounding import grounding_outcome
+from fineregion_pl.evaluation.rec import hit_fraction
 from fineregion_pl.model.captioner import EncodedBatch, RegionCaptioner, referring_targets, spatial_pairs
 
 
 @torch.no_grad()
-def ground_expressions(captioner: RegionCaptioner, batch: dict[str, Any], encoded: EncodedBatch) -> list[tuple[float, float]]:
-    """``(hit@0.5, IoU)`` of every referring expression of the batch, its candidates being the
-    annotated regions of its own image (``gt-ranking``: ranking ground-truth boxes, not REC)."""
+def ground_expressions(captioner: RegionCaptioner, batch: dict[str, Any], encoded: EncodedBatch) -> list[tuple[float, float, float]]:
+    """``(hit@0.5, IoU, chance)`` of every referring expression of the batch, its candidates being the
+    annotated regions of its own image (``gt-ranking``: ranking ground-truth boxes, not REC);
+    ``chance`` is the hit a uniformly random pick among those candidates would score."""
     index, prompts = encoded.index, encoded.prompts
     rows, expressions = referring_targets(batch, index, training=False)
     outcomes = []
@@ -29,7 +31,7 @@ def ground_expressions(captioner: RegionCaptioner, batch: dict[str, Any], encode
         scores = captioner.score(prompts[candidates], [expression] * len(candidates), "referring")
         b, n = index[row].tolist()
         boxes = real[image_of[candidates], index[candidates, 1]]
-        outcomes.append(grounding_outcome(scores, boxes, real[b, n]))
+        outcomes.append((*grounding_outcome(scores, boxes, real[b, n]), hit_fraction(boxes.tolist(), real[b, n].tolist())))
     return outcomes
 
 

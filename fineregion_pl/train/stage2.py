@@ -8,8 +8,12 @@ from typing import Any, Optional
 import lightning as L
 from torch import Tensor
 
+from fineregion_pl.evaluation.card import model_fields
+from fineregion_pl.evaluation.coco_caption import require_java
 from fineregion_pl.evaluation.collector import RegionTestCollector
 from fineregion_pl.evaluation.loops import answer_questions, ground_expressions
+from fineregion_pl.evaluation.protocol_collector import ProtocolCollector
+from fineregion_pl.evaluation.protocol_loop import protocol_rows
 from fineregion_pl.model.captioner import CHECKPOINT_PREFIX, CaptionerConfig, RegionCaptioner, captioner_weights
 from fineregion_pl.model.checkpoint_files import check_weights_fit, load_stage1_weights, read_checkpoint
 from fineregion_pl.model.config import optional_config, plain_hparams
@@ -111,6 +115,7 @@ class Stage2Module(L.LightningModule):
         if freeze_encoder:
             vision.encoder.requires_grad_(False)
         self.collector = RegionTestCollector()
+        self.protocol_collector = ProtocolCollector()
         self._stage1_loaded = False
 
     # The language model and the prompt (whose size follows the LM) are built in configure_model,
@@ -170,22 +175,45 @@ class Stage2Module(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         encoded = self.model.encode(batch, self.hparams.ignore_regions)
+        run = self._protocol_run()
+        if run is not None:  # a published protocol (--data.protocol): its own rows and collector
+            self.protocol_collector.add(protocol_rows(self.model, batch, encoded, run.protocol.task, score_captions=run.densecap_map))
+            return
         rows = self.model.describe_batch(batch, encoded)
         self.collector.add(batch, rows, grounding=ground_expressions(self.model, batch, encoded), spatial=answer_questions(self.model, batch, encoded))
 
     def on_test_epoch_start(self) -> None:
         self.collector.reset()
+        self.protocol_collector.reset()
+        run = self._protocol_run()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        without_java = run.score_without_java if run is not None else getattr(getattr(datamodule, "hparams", None), "score_without_java", False)
+        captions = run is None or run.protocol.task in ("regcap", "densecap")
+        if (captions and not without_java) or (run is not None and run.densecap_map):  # DenseCap mAP needs METEOR
+            require_java()  # stop before the model runs, not after hours of generation
+
+    def _protocol_run(self):
+        """The DataModule's protocol run (``--data.protocol``), or None for the shards' test split."""
+        return getattr(getattr(self.trainer, "datamodule", None), "protocol_run", None)
 
     def on_test_epoch_end(self) -> None:
-        results = self.collector.compute(self.hparams.categories or [], self.hparams.num_classes)
+        out_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
+        model = model_fields(self.model.config, self.trainer.ckpt_path, self.trainer.world_size, self.hparams.ignore_regions)
+        run = self._protocol_run()
+        if run is not None:
+            self.protocol_collector.finish(run, out_dir, model)  # every rank joins the merge; rank 0 writes
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        java = not getattr(getattr(datamodule, "hparams", None), "score_without_java", False)
+        results = self.collector.compute(self.hparams.categories or [], self.hparams.num_classes, java=java)
         if results is None:  # not rank 0
             return
-        for section in ("classification", "caption", "grounding", "spatial"):
+        for section in ("classification", "caption", "gt-ranking", "spatial"):
             for name, value in results.get(section, {}).items():
                 if isinstance(value, float):
                     self.log(f"test/{section}/{name}", value, rank_zero_only=True)
-        out_dir = Path(self.hparams.results_dir or self.trainer.log_dir or self.trainer.default_root_dir)
-        self.collector.write(results, out_dir)
+        source = datamodule.test_source() if hasattr(datamodule, "test_source") else None
+        self.collector.write(results, out_dir, source, model, java)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict]:
         return self.model.describe_batch(batch, ignore_regions=self.hparams.ignore_regions)

@@ -139,6 +139,6 @@ def test_no_region_control_hides_the_regions_but_scores_against_their_real_boxes
     same_image = [k for k, f in enumerate(first) if index[f, 0] == index[first[0], 0]]
     assert torch.allclose(pair_prompts[same_image], pair_prompts[same_image[:1]].expand_as(pair_prompts[same_image]), atol=1e-5)
     outcomes = ground_expressions(module.model, batch, encoded)
-    hit = sum(h for h, _ in outcomes) / len(outcomes)
-    miou = sum(i for _, i in outcomes) / len(outcomes)
+    hit = sum(h for h, _, _ in outcomes) / len(outcomes)
+    miou = sum(i for _, i, _ in outcomes) / len(outcomes)
     assert hit < 0.8 and miou < 0.8  # all candidates tie: credit is shared, not a free 1.0
