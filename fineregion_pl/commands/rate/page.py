@@ -9,8 +9,7 @@ ratings. The page never shows which model wrote a caption.
 :func:`build_page` lays it out and wires it to Gradio events.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: Gradio finds `request: gr.Request` by its evaluated annotation
 import html
 import io
 from typing import Any, Optional
@@ -77,7 +76,7 @@ SHORTCUTS = """
 """ % str(list(CRITERIA)).replace("'", '"')
 
 CSS = """
-.rate-active { outline: 3px solid #2563eb; outline-offset: 2px; border-radius: 6px; }
+.rate-active { box-shadow: inset 0 0 0 3px #2563eb; border-radius: 6px; }
 .rate-caption { font-size: 1.35em; padding: 0.6em 0.8em; border-left: 4px solid #2563eb; background: rgba(37, 99, 235, 0.06); }
 """
 
@@ -161,19 +160,20 @@ def build_page(study: Study, title: str = "Rate region captions"):
     with gr.Blocks(title=title, analytics_enabled=False) as page:
         gr.Markdown(f"## {html.escape(title)}\n{INSTRUCTIONS}")
         progress = gr.Markdown(elem_id="progress")
+        status = gr.Markdown(elem_id="status")  # outside the controls, which hide when the rater is done
         current = gr.State(None)
         with gr.Row():
             with gr.Column(scale=3):
                 picture = gr.Image(type="pil", format="png", interactive=False, show_label=False, elem_id="region-image", buttons=["fullscreen"])
-            with gr.Column(scale=2) as controls:
+            with gr.Column(scale=2):
                 caption = gr.HTML(elem_id="caption")
-                radios = [gr.Radio(CHOICES, value=None, label=QUESTIONS[c], elem_id=c) for c in CRITERIA]
-                save = gr.Button("Save (Enter)", variant="primary", elem_id="save")
-                status = gr.Markdown(elem_id="status")
-                with gr.Accordion("Skip this region", open=False, elem_id="skip-panel"):
-                    reason = gr.Dropdown(SKIP_REASONS, value=None, label="reason", elem_id="skip-reason")
-                    other = gr.Textbox(label="other reason", max_lines=1, elem_id="skip-other")
-                    skip = gr.Button("Skip region", elem_id="skip")
+                with gr.Column() as controls:  # hidden when the rater is done
+                    radios = [gr.Radio(CHOICES, value=None, label=QUESTIONS[c], elem_id=c) for c in CRITERIA]
+                    save = gr.Button("Save (Enter)", variant="primary", elem_id="save")
+                    with gr.Accordion("Skip this region", open=False, elem_id="skip-panel"):
+                        reason = gr.Dropdown(SKIP_REASONS, value=None, label="reason", elem_id="skip-reason")
+                        other = gr.Textbox(label="other reason", max_lines=1, elem_id="skip-other")
+                        skip = gr.Button("Skip region", elem_id="skip")
 
         outputs = [current, progress, picture, caption, *radios, status, controls]
 
@@ -201,8 +201,8 @@ def build_page(study: Study, title: str = "Rate region captions"):
             return render(session.skip(request.username, caption_id, why, other_reason))
 
         page.load(on_load, None, outputs, api_visibility="private")
-        save.click(on_save, [current, *radios], outputs, api_visibility="private", concurrency_limit=None)
-        skip.click(on_skip, [current, reason, other], outputs, api_visibility="private", concurrency_limit=None)
+        save.click(on_save, [current, *radios], outputs, api_visibility="private", concurrency_limit=None, show_progress="minimal")
+        skip.click(on_skip, [current, reason, other], outputs, api_visibility="private", concurrency_limit=None, show_progress="minimal")
     return page
 
 

@@ -94,7 +94,7 @@ class Task:
 
 @dataclass
 class Progress:
-    """How far a rater is: captions rated, captions left out by skipped items, captions in the study."""
+    """How far a rater is: captions rated (outside skipped items), captions of skipped items, captions in the study."""
 
     rated: int
     skipped: int
@@ -251,11 +251,11 @@ class Study:
         """Captions rated, captions in skipped items and captions in the study, for one rater."""
         with self._connect() as conn:
             rater_id = self._rater_id(conn, rater)
-            rated = conn.execute("SELECT COUNT(*) FROM ratings WHERE rater = ?", (rater_id,)).fetchone()[0]
-            skipped = conn.execute(
-                "SELECT COUNT(*) FROM captions c JOIN skips s ON s.item = c.item WHERE s.rater = ? "
-                "AND NOT EXISTS (SELECT 1 FROM ratings r WHERE r.rater = s.rater AND r.caption = c.id)", (rater_id,),
+            rated = conn.execute(
+                "SELECT COUNT(*) FROM ratings r JOIN captions c ON r.caption = c.id WHERE r.rater = ? "
+                "AND NOT EXISTS (SELECT 1 FROM skips s WHERE s.rater = r.rater AND s.item = c.item)", (rater_id,),
             ).fetchone()[0]
+            skipped = conn.execute("SELECT COUNT(*) FROM captions c JOIN skips s ON s.item = c.item WHERE s.rater = ?", (rater_id,)).fetchone()[0]
             total = conn.execute("SELECT COUNT(*) FROM captions").fetchone()[0]
         return Progress(rated, skipped, total)
 
@@ -304,11 +304,15 @@ class Study:
             return [name for (name,) in conn.execute("SELECT name FROM models ORDER BY id")]
 
     def ratings(self) -> list[dict]:
-        """Every rating with its rater, item and model names: ``{rater, item, model, accuracy, relevance, fluency}``."""
+        """Every rating with its rater, item and model names: ``{rater, item, model, accuracy, relevance, fluency}``.
+
+        Ratings of an item the rater skipped (possibly after rating some of its captions) are left
+        out: the rater said the region cannot be judged."""
         with self._connect() as conn:
             rows = conn.execute(
                 "SELECT t.name, c.item, m.name, r.accuracy, r.relevance, r.fluency FROM ratings r "
-                "JOIN raters t ON r.rater = t.id JOIN captions c ON r.caption = c.id JOIN models m ON c.model = m.id ORDER BY r.rater, c.item, c.slot"
+                "JOIN raters t ON r.rater = t.id JOIN captions c ON r.caption = c.id JOIN models m ON c.model = m.id "
+                "WHERE NOT EXISTS (SELECT 1 FROM skips s WHERE s.rater = r.rater AND s.item = c.item) ORDER BY r.rater, c.item, c.slot"
             ).fetchall()
         return [dict(zip(("rater", "item", "model", *CRITERIA), row)) for row in rows]
 
