@@ -177,3 +177,17 @@ def test_serve_refuses_a_study_without_raters_and_a_busy_port(tmp_path, study):
             serve(str(study.path), port=busy.getsockname()[1])
     with pytest.raises(BadInputError, match="study not found"):
         serve(str(tmp_path / "missing.sqlite"))
+
+
+def test_rate_is_a_verb_with_three_sub_verbs_and_one_line_errors(tmp_path, capsys):
+    from fineregion_pl.commands.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["rate", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"    {verb} " in out for verb in ("prepare", "serve", "report"))
+    with pytest.raises(SystemExit) as failed:
+        main(["rate", "report", str(tmp_path / "missing.sqlite")])
+    assert failed.value.code == 1
+    assert capsys.readouterr().err == f"fineregion-pl: error: study not found: {tmp_path / 'missing.sqlite'} (make one with `fineregion-pl rate prepare`)\n"

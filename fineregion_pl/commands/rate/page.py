@@ -76,7 +76,7 @@ SHORTCUTS = """
 """ % str(list(CRITERIA)).replace("'", '"')
 
 CSS = """
-.rate-active { box-shadow: inset 0 0 0 3px #2563eb; border-radius: 6px; }
+.rate-active.block { box-shadow: inset 0 0 0 3px #2563eb !important; }
 .rate-caption { font-size: 1.35em; padding: 0.6em 0.8em; border-left: 4px solid #2563eb; background: rgba(37, 99, 235, 0.06); }
 """
 
@@ -163,9 +163,9 @@ def build_page(study: Study, title: str = "Rate region captions"):
         status = gr.Markdown(elem_id="status")  # outside the controls, which hide when the rater is done
         current = gr.State(None)
         with gr.Row():
-            with gr.Column(scale=3):
+            with gr.Column(scale=1):
                 picture = gr.Image(type="pil", format="png", interactive=False, show_label=False, elem_id="region-image", buttons=["fullscreen"])
-            with gr.Column(scale=2):
+            with gr.Column(scale=1):
                 caption = gr.HTML(elem_id="caption")
                 with gr.Column() as controls:  # hidden when the rater is done
                     radios = [gr.Radio(CHOICES, value=None, label=QUESTIONS[c], elem_id=c) for c in CRITERIA]
