@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -49,6 +50,17 @@ def browser_stack():
     for module in ("gradio", "playwright"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f'{module} is not installed (pip install -e ".[rate]"; {INSTALL})')
+
+
+@pytest.fixture(scope="module")
+def browser(browser_stack):
+    """One headless Chromium for the module's tests (each rater gets a fresh context: cookies of their own)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
 
 
 @pytest.fixture(scope="module")
@@ -202,13 +214,9 @@ def scripted_turn(page, rater: int, truth: dict[int, str], keyboard: bool, expec
     expected[(name, position, slot)] = scores
 
 
-def _browser(playwright):
-    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-
-
 @pytest.mark.slow
-def test_two_raters_rate_the_same_items_through_the_page_then_the_report_prints_their_table(browser_stack, predictions, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+def test_two_raters_rate_the_same_items_through_the_page_then_the_report_prints_their_table(browser, predictions, tmp_path):
+    from playwright.sync_api import expect
 
     expect.set_options(timeout=30_000)
     study = tmp_path / "study.sqlite"
@@ -228,42 +236,46 @@ def test_two_raters_rate_the_same_items_through_the_page_then_the_report_prints_
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(f"{server.url}/gradio_api/queue/join", data=b"{}", headers={"Content-Type": "application/json"}))
         assert refused.value.code == 401
+        # a wrong token is refused with a 4xx, and the server keeps serving
+        wrong = urllib.parse.urlencode({"username": "scripted-1", "password": "not-the-token"}).encode()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"{server.url}/login", data=wrong))
+        assert refused.value.code == 400
         expected: dict = {}
-        with sync_playwright() as playwright:
-            browser = _browser(playwright)
-            first, second = browser.new_context().new_page(), browser.new_context().new_page()
-            login(first, server.url, "scripted-1", tokens["scripted-1"])
-            login(second, server.url, "scripted-2", tokens["scripted-2"])
-            expect(first.locator("#progress")).to_have_text("scripted-1: 0 of 12 captions rated, 12 left")
-            scripted_turn(first, 0, truth, True, expected, "scripted-1")
-            scripted_turn(first, 0, truth, True, expected, "scripted-1")
-            # the second rater's page knows nothing of the first's ratings: same first caption, nothing rated
-            expect(second.locator("#progress")).to_have_text("scripted-2: 0 of 12 captions rated, 12 left")
-            assert on_page(second)[:2] == (1, 1)
-            second.reload()
-            expect(second.locator("#progress")).to_have_text("scripted-2: 0 of 12 captions rated, 12 left")
-            assert "scripted-1" not in second.inner_text("body")
-            scripted_turn(second, 1, truth, False, expected, "scripted-2")
-            # then both rate on, turn by turn; the second rater skips region 3 with a reason
-            while True:
-                for page, rater, name, keyboard in ((first, 0, "scripted-1", True), (second, 1, "scripted-2", False)):
-                    if page.locator("#caption .rate-where").count() == 0:
-                        continue
-                    if name == "scripted-2" and on_page(page)[0] == 3:
-                        page.get_by_text("Skip this region").click()
-                        page.locator("#skip-reason input").click()
-                        page.get_by_role("option", name="the box does not mark a clear region").click()
-                        page.click("#skip")
-                        expect(page.locator("#status")).to_have_text("Skipped region 3 (the box does not mark a clear region).")
-                        continue
-                    scripted_turn(page, rater, truth, keyboard, expected, name)
-                if first.locator("#caption .rate-where").count() == 0 and second.locator("#caption .rate-where").count() == 0:
-                    break
-            for page, name, rated, skipped in ((first, "scripted-1", 12, ""), (second, "scripted-2", 10, ", 2 skipped")):
-                expect(page.locator("#caption")).to_contain_text("All captions are rated. Thank you!")
-                expect(page.locator("#progress")).to_have_text(f"{name}: {rated} of 12 captions rated{skipped}, 0 left")
-            first.screenshot(path=str(tmp_path / "done.png"))
-            browser.close()
+        first, second = browser.new_context().new_page(), browser.new_context().new_page()
+        login(first, server.url, "scripted-1", tokens["scripted-1"])
+        login(second, server.url, "scripted-2", tokens["scripted-2"])
+        expect(first.locator("#progress")).to_have_text("scripted-1: 0 of 12 captions rated, 12 left")
+        scripted_turn(first, 0, truth, True, expected, "scripted-1")
+        scripted_turn(first, 0, truth, True, expected, "scripted-1")
+        # the second rater's page knows nothing of the first's ratings: same first caption, nothing rated
+        expect(second.locator("#progress")).to_have_text("scripted-2: 0 of 12 captions rated, 12 left")
+        assert on_page(second)[:2] == (1, 1)
+        second.reload()
+        expect(second.locator("#progress")).to_have_text("scripted-2: 0 of 12 captions rated, 12 left")
+        assert "scripted-1" not in second.inner_text("body")
+        scripted_turn(second, 1, truth, False, expected, "scripted-2")
+        # then both rate on, turn by turn; the second rater skips region 3 with a reason
+        while True:
+            for page, rater, name, keyboard in ((first, 0, "scripted-1", True), (second, 1, "scripted-2", False)):
+                if page.locator("#caption .rate-where").count() == 0:
+                    continue
+                if name == "scripted-2" and on_page(page)[0] == 3:
+                    page.get_by_text("Skip this region").click()
+                    page.locator("#skip-reason input").click()
+                    page.get_by_role("option", name="the box does not mark a clear region").click()
+                    page.click("#skip")
+                    expect(page.locator("#status")).to_have_text("Skipped region 3 (the box does not mark a clear region).")
+                    continue
+                scripted_turn(page, rater, truth, keyboard, expected, name)
+            if first.locator("#caption .rate-where").count() == 0 and second.locator("#caption .rate-where").count() == 0:
+                break
+        for page, name, rated, skipped in ((first, "scripted-1", 12, ""), (second, "scripted-2", 10, ", 2 skipped")):
+            expect(page.locator("#caption")).to_contain_text("All captions are rated. Thank you!")
+            expect(page.locator("#progress")).to_have_text(f"{name}: {rated} of 12 captions rated{skipped}, 0 left")
+        first.screenshot(path=str(tmp_path / "done.png"))
+        for page in (first, second):
+            page.context.close()
     finally:
         server.stop()
     # exactly what the scripted raters entered is in the study
@@ -296,50 +308,51 @@ def _shards_of(predictions: list[Path]) -> Path:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_session_loses_no_saved_rating_and_each_rater_resumes(browser_stack, predictions, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+def test_sigkill_mid_session_loses_no_saved_rating_and_each_rater_resumes(browser, predictions, tmp_path):
+    from playwright.sync_api import expect
 
     expect.set_options(timeout=30_000)
     study = tmp_path / "study.sqlite"
     tokens = prepare([str(p) for p in predictions], str(_shards_of(predictions)), study=str(study), names=MODELS, regions=4, seed=1, raters=["ann", "ben"])["tokens"]
     truth, port = _truth(study), _free_port()
     expected: dict = {}
-    with sync_playwright() as playwright:
-        browser = _browser(playwright)
-        ann, ben = browser.new_context().new_page(), browser.new_context().new_page()
-        server = RatingServer(study, port, tmp_path / "serve.log")
-        try:
-            server.wait_ready()
-            login(ann, server.url, "ann", tokens["ann"])
-            login(ben, server.url, "ben", tokens["ben"])
-            for _ in range(3):
-                scripted_turn(ann, 0, truth, True, expected, "ann")
-            for _ in range(2):
-                scripted_turn(ben, 1, truth, False, expected, "ben")
-            # ann is half-way through the next caption (two criteria chosen, not saved) when the server dies
-            ann.locator("#accuracy input[value='1']").click()
-            ann.locator("#relevance input[value='1']").click()
-            server.process.send_signal(signal.SIGKILL)
-            server.process.wait(timeout=20)
-        finally:
-            server.stop(signal.SIGKILL)
-        assert server.process.returncode == -signal.SIGKILL
-        assert _stored(study) == expected  # every rating the page showed as saved, and nothing else
-
-        server = RatingServer(study, port, tmp_path / "serve.log")
-        try:
-            server.wait_ready()
-            opened = Study(study)
-            for page, name, rated in ((ann, "ann", 3), (ben, "ben", 2)):
-                login(page, server.url, name, tokens[name])  # the server forgot its sessions: log in again
-                task = opened.next_task(name)
-                expect(page.locator("#progress")).to_have_text(f"{name}: {rated} of 8 captions rated, {8 - rated} left")
-                assert on_page(page) == (task.position, task.slot, task.text)
-                for criterion in CRITERIA:
-                    expect(page.locator(f"#{criterion} input:checked")).to_have_count(0)
+    ann, ben = browser.new_context().new_page(), browser.new_context().new_page()
+    server = RatingServer(study, port, tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        login(ann, server.url, "ann", tokens["ann"])
+        login(ben, server.url, "ben", tokens["ben"])
+        for _ in range(3):
             scripted_turn(ann, 0, truth, True, expected, "ann")
-            expect(ann.locator("#progress")).to_have_text("ann: 4 of 8 captions rated, 4 left")
-            browser.close()
-        finally:
-            server.stop()
+        for _ in range(2):
+            scripted_turn(ben, 1, truth, False, expected, "ben")
+        # ann is half-way through the next caption (two criteria chosen, not saved) when the server dies
+        ann.locator("#accuracy input[value='1']").click()
+        ann.locator("#relevance input[value='1']").click()
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(timeout=20)
+    finally:
+        server.stop(signal.SIGKILL)
+    assert server.process.returncode == -signal.SIGKILL
+    assert _stored(study) == expected  # every rating the page showed as saved, and nothing else
+
+    server = RatingServer(study, port, tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        opened = Study(study)
+        # 2 captions per region, in study order: ann stopped after region 2's first caption, ben after region 1
+        for page, name, rated, resume in ((ann, "ann", 3, (2, 2)), (ben, "ben", 2, (2, 1))):
+            login(page, server.url, name, tokens[name])  # the server forgot its sessions: log in again
+            task = opened.next_task(name)
+            assert (task.position, task.slot) == resume
+            expect(page.locator("#progress")).to_have_text(f"{name}: {rated} of 8 captions rated, {8 - rated} left")
+            assert on_page(page) == (task.position, task.slot, task.text)
+            for criterion in CRITERIA:
+                expect(page.locator(f"#{criterion} input:checked")).to_have_count(0)
+        scripted_turn(ann, 0, truth, True, expected, "ann")
+        expect(ann.locator("#progress")).to_have_text("ann: 4 of 8 captions rated, 4 left")
+    finally:
+        server.stop()
+        for page in (ann, ben):
+            page.context.close()
     assert _stored(study) == expected
