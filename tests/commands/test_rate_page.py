@@ -104,6 +104,17 @@ def scripted_scores(rater: int, caption: str, truth: dict) -> dict[str, int]:
     return {"accuracy": accuracy, "relevance": relevance, "fluency": max(1, 5 - sum(flaws.values()))}
 
 
+def _outside_address() -> str | None:
+    """A non-loopback address of this machine (None when it has none); a UDP connect sends nothing."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -134,6 +145,16 @@ class RatingServer:
                 time.sleep(0.5)
         self.log.flush()
         pytest.fail(f"rate serve did not start (exit code {self.process.poll()}):\n{self.log_path.read_text()[-3000:]}")
+
+    def printed(self, wanted: str, timeout: float = 10) -> str:
+        """What the server has printed, once it contains ``wanted`` (or after ``timeout`` seconds)."""
+        text, deadline = "", time.monotonic() + timeout
+        while wanted not in text and time.monotonic() < deadline:
+            try:
+                text += self.lines.get(timeout=0.5)
+            except queue.Empty:
+                pass
+        return text
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
@@ -228,10 +249,16 @@ def test_two_raters_rate_the_same_items_through_the_page_then_the_report_prints_
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     assert "6 regions x 2 models = 12 captions to rate per rater" in prepared.stdout
     tokens = dict(re.findall(r"rater (\S+): token (\S+)", prepared.stdout))
-    truth = _truth(study)
-    server = RatingServer(study, _free_port(), tmp_path / "serve.log")
+    truth, port = _truth(study), _free_port()
+    server = RatingServer(study, port, tmp_path / "serve.log")
     try:
         server.wait_ready()
+        # loopback only by default: the page is not reachable on the machine's other address
+        announced = f"rating page: http://127.0.0.1:{port}  (log in with a rater name and its token"
+        assert announced in server.printed(announced)
+        if (outside := _outside_address()) is not None:
+            with pytest.raises(OSError):
+                socket.create_connection((outside, port), timeout=2).close()
         # without logging in, nothing of the study is served
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(f"{server.url}/gradio_api/queue/join", data=b"{}", headers={"Content-Type": "application/json"}))
