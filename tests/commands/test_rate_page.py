@@ -1,6 +1,6 @@
-"""The rating page end to end: real predictions of a tiny model and its no-region control, ``rate prepare``,
-``rate serve`` (Gradio) driven by two scripted raters in headless Chromium, ``rate report``; and a server
-killed with SIGKILL mid-session, restarted, each rater resuming where they stopped.
+"""The rating page end to end, in one test and one headless Chromium: real predictions of a tiny model and its
+no-region control, ``rate prepare``, ``rate serve`` (Gradio) driven by two scripted raters, the server killed
+with SIGKILL mid-session and restarted (each rater resuming where they stopped), then ``rate report``.
 
 The scripted raters are not people: each rates a caption from its words and the region's true shape
 (read from the study file), see :func:`scripted_scores`. Their numbers test the kit, nothing else.
@@ -29,7 +29,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fineregion_pl.commands.rate.prepare import prepare
 from fineregion_pl.commands.rate.store import CRITERIA, Study
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -235,21 +234,38 @@ def scripted_turn(page, rater: int, truth: dict[int, str], keyboard: bool, expec
     expected[(name, position, slot)] = scores
 
 
+def _shards_of(predictions: list[Path]) -> Path:
+    config = yaml.safe_load((predictions[0].parents[1] / "predict.yaml").read_text())
+    return Path(config["data"]["data_dirs"][0])
+
+
+def _rate(cli: list[str]) -> subprocess.CompletedProcess:
+    """``python -m fineregion_pl rate ...`` from this checkout."""
+    return subprocess.run([sys.executable, "-m", "fineregion_pl", "rate", *cli], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
+def _done(page) -> bool:
+    return page.locator("#caption .rate-where").count() == 0
+
+
 @pytest.mark.slow
-def test_two_raters_rate_the_same_items_through_the_page_then_the_report_prints_their_table(browser, predictions, tmp_path):
+def test_two_raters_through_the_page_survive_a_sigkill_resume_and_the_report_prints_their_table(browser, predictions, tmp_path):
+    """One study, one Chromium, two scripted raters: rate, SIGKILL the server mid-session, restart, resume, finish, report."""
     from playwright.sync_api import expect
 
     expect.set_options(timeout=30_000)
     study = tmp_path / "study.sqlite"
-    prepared = subprocess.run(
-        [sys.executable, "-m", "fineregion_pl", "rate", "prepare", json.dumps([str(p) for p in predictions]), str(_shards_of(predictions)),
-         "--study", str(study), "--names", json.dumps(MODELS), "--regions", "6", "--stratify", "category", "--raters", '["scripted-1", "scripted-2"]'],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
-    )
+    prepared = _rate(["prepare", json.dumps([str(p) for p in predictions]), str(_shards_of(predictions)), "--study", str(study),
+                      "--names", json.dumps(MODELS), "--regions", "6", "--stratify", "category", "--raters", '["scripted-1", "scripted-2"]'])
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     assert "6 regions x 2 models = 12 captions to rate per rater" in prepared.stdout
     tokens = dict(re.findall(r"rater (\S+): token (\S+)", prepared.stdout))
     truth, port = _truth(study), _free_port()
+    expected: dict = {}
+    first, second = browser.new_context().new_page(), browser.new_context().new_page()
+    turns = ((first, 0, "scripted-1", True), (second, 1, "scripted-2", False))  # one rater uses the keys, the other the mouse
+
     server = RatingServer(study, port, tmp_path / "serve.log")
     try:
         server.wait_ready()
@@ -259,17 +275,15 @@ def test_two_raters_rate_the_same_items_through_the_page_then_the_report_prints_
         if (outside := _outside_address()) is not None:
             with pytest.raises(OSError):
                 socket.create_connection((outside, port), timeout=2).close()
-        # without logging in, nothing of the study is served
+        # without logging in nothing of the study is served; a wrong token is a 4xx, and the server serves on
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(f"{server.url}/gradio_api/queue/join", data=b"{}", headers={"Content-Type": "application/json"}))
         assert refused.value.code == 401
-        # a wrong token is refused with a 4xx, and the server keeps serving
         wrong = urllib.parse.urlencode({"username": "scripted-1", "password": "not-the-token"}).encode()
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(f"{server.url}/login", data=wrong))
         assert refused.value.code == 400
-        expected: dict = {}
-        first, second = browser.new_context().new_page(), browser.new_context().new_page()
+
         login(first, server.url, "scripted-1", tokens["scripted-1"])
         login(second, server.url, "scripted-2", tokens["scripted-2"])
         expect(first.locator("#progress")).to_have_text("scripted-1: 0 of 12 captions rated, 12 left")
@@ -281,11 +295,35 @@ def test_two_raters_rate_the_same_items_through_the_page_then_the_report_prints_
         second.reload()
         expect(second.locator("#progress")).to_have_text("scripted-2: 0 of 12 captions rated, 12 left")
         assert "scripted-1" not in second.inner_text("body")
-        scripted_turn(second, 1, truth, False, expected, "scripted-2")
-        # then both rate on, turn by turn; the second rater skips region 3 with a reason
-        while True:
-            for page, rater, name, keyboard in ((first, 0, "scripted-1", True), (second, 1, "scripted-2", False)):
-                if page.locator("#caption .rate-where").count() == 0:
+        for _ in range(3):
+            for page, rater, name, keyboard in turns:
+                scripted_turn(page, rater, truth, keyboard, expected, name)
+        # 5 and 3 saved; the first rater is half-way through the next caption (two criteria chosen) when the server dies
+        first.locator("#accuracy input[value='1']").click()
+        first.locator("#relevance input[value='1']").click()
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(timeout=20)
+    finally:
+        server.stop(signal.SIGKILL)
+    assert server.process.returncode == -signal.SIGKILL
+    assert _stored(study) == expected  # every rating the page showed as saved, and nothing else
+
+    server = RatingServer(study, port, tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        opened = Study(study)
+        # 2 captions per region, in study order: one rater stopped after region 3's first caption, the other after region 2's
+        for page, name, rated, resume in ((first, "scripted-1", 5, (3, 2)), (second, "scripted-2", 3, (2, 2))):
+            login(page, server.url, name, tokens[name])  # the server forgot its sessions: log in again
+            expect(page.locator("#progress")).to_have_text(f"{name}: {rated} of 12 captions rated, {12 - rated} left")
+            task = opened.next_task(name)
+            assert (task.position, task.slot) == resume and on_page(page) == (*resume, task.text)
+            for criterion in CRITERIA:
+                expect(page.locator(f"#{criterion} input:checked")).to_have_count(0)
+        # both rate on to the end, turn by turn; the second rater skips region 3 with a reason
+        while not (_done(first) and _done(second)):
+            for page, rater, name, keyboard in turns:
+                if _done(page):
                     continue
                 if name == "scripted-2" and on_page(page)[0] == 3:
                     page.get_by_text("Skip this region").click()
@@ -295,21 +333,17 @@ def test_two_raters_rate_the_same_items_through_the_page_then_the_report_prints_
                     expect(page.locator("#status")).to_have_text("Skipped region 3 (the box does not mark a clear region).")
                     continue
                 scripted_turn(page, rater, truth, keyboard, expected, name)
-            if first.locator("#caption .rate-where").count() == 0 and second.locator("#caption .rate-where").count() == 0:
-                break
         for page, name, rated, skipped in ((first, "scripted-1", 12, ""), (second, "scripted-2", 10, ", 2 skipped")):
             expect(page.locator("#caption")).to_contain_text("All captions are rated. Thank you!")
             expect(page.locator("#progress")).to_have_text(f"{name}: {rated} of 12 captions rated{skipped}, 0 left")
-        first.screenshot(path=str(tmp_path / "done.png"))
-        for page in (first, second):
-            page.context.close()
     finally:
         server.stop()
+        for page in (first, second):
+            page.context.close()
     # exactly what the scripted raters entered is in the study
     assert _stored(study) == expected
 
-    report = subprocess.run([sys.executable, "-m", "fineregion_pl", "rate", "report", str(study), "--reference", "no_region_control"],
-                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    report = _rate(["report", str(study), "--reference", "no_region_control"])
     assert report.returncode == 0, report.stderr[-3000:]
     print(report.stdout)
     assert "## Table 3" in report.stdout and "| model | accuracy | relevance | fluency | ratings | raters |" in report.stdout
@@ -327,59 +361,3 @@ def test_two_raters_rate_the_same_items_through_the_page_then_the_report_prints_
     saved = json.loads((tmp_path / "study_report" / "report.json").read_text())
     assert saved["raters"] == {"scripted-1": {"rated": 12, "skipped": 0, "left": 0}, "scripted-2": {"rated": 10, "skipped": 2, "left": 0}}
     assert (tmp_path / "study_report" / "distributions.png").stat().st_size > 10_000
-
-
-def _shards_of(predictions: list[Path]) -> Path:
-    config = yaml.safe_load((predictions[0].parents[1] / "predict.yaml").read_text())
-    return Path(config["data"]["data_dirs"][0])
-
-
-@pytest.mark.slow
-def test_sigkill_mid_session_loses_no_saved_rating_and_each_rater_resumes(browser, predictions, tmp_path):
-    from playwright.sync_api import expect
-
-    expect.set_options(timeout=30_000)
-    study = tmp_path / "study.sqlite"
-    tokens = prepare([str(p) for p in predictions], str(_shards_of(predictions)), study=str(study), names=MODELS, regions=4, seed=1, raters=["ann", "ben"])["tokens"]
-    truth, port = _truth(study), _free_port()
-    expected: dict = {}
-    ann, ben = browser.new_context().new_page(), browser.new_context().new_page()
-    server = RatingServer(study, port, tmp_path / "serve.log")
-    try:
-        server.wait_ready()
-        login(ann, server.url, "ann", tokens["ann"])
-        login(ben, server.url, "ben", tokens["ben"])
-        for _ in range(3):
-            scripted_turn(ann, 0, truth, True, expected, "ann")
-        for _ in range(2):
-            scripted_turn(ben, 1, truth, False, expected, "ben")
-        # ann is half-way through the next caption (two criteria chosen, not saved) when the server dies
-        ann.locator("#accuracy input[value='1']").click()
-        ann.locator("#relevance input[value='1']").click()
-        server.process.send_signal(signal.SIGKILL)
-        server.process.wait(timeout=20)
-    finally:
-        server.stop(signal.SIGKILL)
-    assert server.process.returncode == -signal.SIGKILL
-    assert _stored(study) == expected  # every rating the page showed as saved, and nothing else
-
-    server = RatingServer(study, port, tmp_path / "serve.log")
-    try:
-        server.wait_ready()
-        opened = Study(study)
-        # 2 captions per region, in study order: ann stopped after region 2's first caption, ben after region 1
-        for page, name, rated, resume in ((ann, "ann", 3, (2, 2)), (ben, "ben", 2, (2, 1))):
-            login(page, server.url, name, tokens[name])  # the server forgot its sessions: log in again
-            task = opened.next_task(name)
-            assert (task.position, task.slot) == resume
-            expect(page.locator("#progress")).to_have_text(f"{name}: {rated} of 8 captions rated, {8 - rated} left")
-            assert on_page(page) == (task.position, task.slot, task.text)
-            for criterion in CRITERIA:
-                expect(page.locator(f"#{criterion} input:checked")).to_have_count(0)
-        scripted_turn(ann, 0, truth, True, expected, "ann")
-        expect(ann.locator("#progress")).to_have_text("ann: 4 of 8 captions rated, 4 left")
-    finally:
-        server.stop()
-        for page in (ann, ben):
-            page.context.close()
-    assert _stored(study) == expected
