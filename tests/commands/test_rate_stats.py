@@ -129,6 +129,8 @@ def test_means_are_over_all_ratings_and_count_ratings_and_raters():
     table = stats.model_means(ratings, ["m"], CRITERIA, resamples=500)["m"]
     assert table["accuracy"]["mean"] == pytest.approx(20 / 5) and table["ratings"] == 5 and table["raters"] == 2 and table["items"] == 3
     assert table["relevance"]["ci"] == [3.0, 3.0]  # every rating equal: the interval is the point
+    one = stats.model_means([r for r in ratings if r["item"] == 0], ["m"], CRITERIA, resamples=500)["m"]
+    assert one["accuracy"]["mean"] == 4.5 and one["accuracy"]["ci"] == [None, None]  # one region: no interval (JSON null, not NaN)
 
 
 def test_the_report_says_plainly_when_agreement_is_too_low(tmp_path):

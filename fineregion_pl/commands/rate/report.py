@@ -16,7 +16,7 @@ def _number(value: Optional[float], digits: int = 2) -> str:
 
 
 def _interval(ci: list, digits: int = 2) -> str:
-    return "n/a" if ci[0] is None or ci[0] != ci[0] else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return "n/a" if ci[0] is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
 def _p(value: Optional[float]) -> str:
@@ -136,7 +136,7 @@ def report(study: str, out: Optional[str] = None, reference: Optional[str] = Non
             print('fineregion-pl: warning: no plot: matplotlib is not installed (pip install -e ".[rate]")')
     text = report_markdown(result, plot_name)
     (folder / "report.md").write_text(text, encoding="utf-8")
-    (folder / "report.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    (folder / "report.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     print(text)
     print(f"written: {folder / 'report.md'}, {folder / 'report.json'}" + (f", {folder / plot_name}" if plot_name else ""))
     return result

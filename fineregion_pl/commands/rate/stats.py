@@ -31,13 +31,14 @@ RESAMPLES = 2000
 RELIABLE, TENTATIVE = 0.800, 0.667
 
 
-def _bootstrap(data: tuple[np.ndarray, ...], statistic, seed: int, resamples: int = RESAMPLES) -> tuple[float, float]:
-    """A BCa bootstrap CI (percentile when BCa is undefined) over the first axis of paired arrays."""
+def _bootstrap(data: tuple[np.ndarray, ...], statistic, seed: int, resamples: int = RESAMPLES) -> tuple[Optional[float], Optional[float]]:
+    """A BCa bootstrap CI (percentile when BCa is undefined) over the first axis of paired arrays;
+    ``(None, None)`` from fewer than two items (no interval; None, not NaN, so report.json stays JSON)."""
     from scipy.stats import bootstrap
 
-    point = float(statistic(*data, axis=-1))
     if len(data[0]) < 2:
-        return float("nan"), float("nan")
+        return None, None
+    point = float(statistic(*data, axis=-1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # degenerate data (every value equal) is handled below
         for method in ("BCa", "percentile"):
