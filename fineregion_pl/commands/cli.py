@@ -2,7 +2,7 @@
 
 ``fit``/``validate``/``test``/``predict`` go to LightningCLI (:mod:`fineregion_pl.train.cli`); each
 other verb is a typed function whose signature and docstring become its command line (through
-jsonargparse), as in litgpt's ``__main__``.
+jsonargparse), as in litgpt's ``__main__``; a dict of functions is a verb with sub-verbs (``rate prepare``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
     from fineregion_pl.commands.evaluate import evaluate
     from fineregion_pl.commands.export import export
     from fineregion_pl.commands.quickstart import quickstart
+    from fineregion_pl.commands.rate.prepare import prepare
+    from fineregion_pl.commands.rate.report import report
+    from fineregion_pl.commands.rate.serve import serve
 
     return {
         "quickstart": (quickstart, "the whole pipeline on the built-in synthetic benchmark, on the CPU"),
@@ -31,6 +34,7 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
         "demo": (demo, "a local web page: open an image, draw or type boxes, read each region's caption"),
         "evaluate": (evaluate, "score a predictions file (ours, GLaMM's, Osprey's, Groma's, GRiT's) against a published annotation file, by a named protocol"),
         "ablations": (ablations, "Table 1 (methods) and Table 2 (ablations) on the synthetic benchmark, over seeds"),
+        "rate": ({"prepare": prepare, "serve": serve, "report": report}, "human evaluation (Table 3): prepare a blinded study, serve its rating page, report means, CIs, agreement"),
     }
 
 
