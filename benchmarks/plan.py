@@ -69,6 +69,7 @@ GPU_COUNTS = (8, 32, 128)
 NVLINK_BW = 350e9  # bytes/s per GPU a collective achieves inside an 8-GPU NVLink node (assumed)
 INTERNODE_BW = 50e9  # bytes/s per GPU across nodes: one 400 Gb/s NIC per GPU (assumed)
 CUDA_SLACK = 2e9  # bytes per GPU for the CUDA context and allocator slack (assumed)
+PROCESS_BASELINE = 0.9e9  # resident bytes of a Python process with torch, lightning, transformers, timm, peft and the package imported (measured here)
 
 # Hand-written configs of the models the recipes name (values from the models' config.json);
 # `family` is the transformers model type, `bos_token` whether the tokenizer puts a BOS first.
@@ -359,9 +360,11 @@ class Batch:
     lengths: dict[str, int]  # padded sequence length of each call
     real_tokens: float  # tokens without padding
     padded_tokens: float
+    targets: dict[str, int] = field(default_factory=lambda: dict(PADDED_TARGET))  # padded target length of each call
 
 
-def stage2_batch(s2: dict, datasets: list[Dataset], weights: list[float], llm_name: Optional[str] = None) -> Batch:
+def stage2_batch(s2: dict, datasets: list[Dataset], weights: list[float], llm_name: Optional[str] = None,
+                 padded_target: Optional[dict[str, int]] = None) -> Batch:
     """Rows and padded lengths of the LM calls of one per-GPU batch of the stage-2 recipe.
 
     A call's context is its template's pieces, a BOS when the LM has one, and ``k + 1`` soft tokens
@@ -380,13 +383,14 @@ def stage2_batch(s2: dict, datasets: list[Dataset], weights: list[float], llm_na
     caption_ctx = sum(template_pieces(lm["caption_template"])) + k + bos
     referring_ctx = sum(template_pieces(lm["referring_template"])) + k + bos
     question_ctx = sum(template_pieces(lm["question_template"])) + 2 * k + pair + bos
+    target = dict(padded_target or PADDED_TARGET)
     rows = {"caption": round(sum(regions)), "referring": round(referring_rows), "question": round(question_rows)}
-    lengths = {"caption": caption_ctx + PADDED_TARGET["caption"], "referring": referring_ctx + PADDED_TARGET["referring"],
-               "question": question_ctx + PADDED_TARGET["question"]}
+    lengths = {"caption": caption_ctx + target["caption"], "referring": referring_ctx + target["referring"],
+               "question": question_ctx + target["question"]}
     real = sum(r * (caption_ctx + d.caption_tokens) for r, d in zip(regions, datasets))
     real += referring_rows * (referring_ctx + datasets[0].caption_tokens) + question_rows * (question_ctx + ANSWER_TOKENS)
     padded = sum(rows[t] * lengths[t] for t in rows)
-    return Batch(images, max_regions, rows, lengths, real, padded)
+    return Batch(images, max_regions, rows, lengths, real, padded, target)
 
 
 def stage2_terms(module, inputs: dict, batch: Batch) -> dict[str, torch.Tensor]:
@@ -417,7 +421,7 @@ def stage2_terms(module, inputs: dict, batch: Batch) -> dict[str, torch.Tensor]:
     rows = batch.rows["caption"]
     encoded = EncodedBatch(vision=encoded.vision, index=encoded.index[:rows], prompts=encoded.prompts[:rows], geometry=encoded.geometry[:rows])
     out, index, prompts = encoded.vision, encoded.index, encoded.prompts
-    caption, rep = language.text_loss(prompts, filler_texts(rows, PADDED_TARGET["caption"]), "caption")
+    caption, rep = language.text_loss(prompts, filler_texts(rows, batch.targets["caption"]), "caption")
     reps = rep.new_zeros(*out.region_valid.shape, rep.shape[-1])
     reps[index[:, 0], index[:, 1]] = rep
     with meta_nonzero():
@@ -426,11 +430,11 @@ def stage2_terms(module, inputs: dict, batch: Batch) -> dict[str, torch.Tensor]:
         terms["mask_loss"] = mask_loss(out.attn_logits, out.target_masks, out.region_valid)
     if hp.referring_weight > 0 and batch.rows["referring"]:
         r = min(batch.rows["referring"], rows)
-        terms["referring_loss"], _ = language.text_loss(prompts[:r], filler_texts(r, PADDED_TARGET["referring"]), "referring")
+        terms["referring_loss"], _ = language.text_loss(prompts[:r], filler_texts(r, batch.targets["referring"]), "referring")
     if hp.spatial_weight > 0 and batch.rows["question"]:
         q = min(batch.rows["question"], rows // 2)
         slots = captioner.question_prompts(encoded, list(range(q)), list(range(q, 2 * q)))
-        terms["spatial_loss"], _ = language.text_loss(slots, filler_texts(q, PADDED_TARGET["question"]), "question")
+        terms["spatial_loss"], _ = language.text_loss(slots, filler_texts(q, batch.targets["question"]), "question")
     if hp.classification_weight > 0:
         logits = out.logits.flatten(0, 1)
         terms["cls_loss"] = F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
@@ -457,8 +461,8 @@ def check_call_lengths(module, batch: Batch) -> None:
     pair = 1 if prompt.mode == "adaptive" else 0
     for task, slots in (("caption", 1), ("referring", 1), ("question", 2)):
         context = sum(len(ids) for ids in language.templates[task]) + slots * prompt.length + (pair if slots == 2 else 0)
-        if context != batch.lengths[task] - PADDED_TARGET[task]:
-            raise AssertionError(f"plan.py: the {task} context is {context} tokens, stage2_batch counted {batch.lengths[task] - PADDED_TARGET[task]}")
+        if context != batch.lengths[task] - batch.targets[task]:
+            raise AssertionError(f"plan.py: the {task} context is {context} tokens, stage2_batch counted {batch.lengths[task] - batch.targets[task]}")
 
 
 def parameter_count(module: torch.nn.Module, trainable: bool = False) -> int:
@@ -508,7 +512,7 @@ def measure_stage2(s1: dict, s2: dict, batch: Batch, num_classes: int, llm_name:
     count = measure_step([captioner.vision, captioner.prompt, llm], step, r"(\.layers_\d+\.blocks\.\d+|\.layers\.\d+)$", parts)
     config = llm.config
     element = torch.finfo(dtype).bits // 8
-    count.parts["log_softmax_bytes"] = sum(batch.rows[t] * PADDED_TARGET[t] for t in batch.rows) * config.vocab_size * 4  # fp32: text_loss casts
+    count.parts["log_softmax_bytes"] = sum(batch.rows[t] * batch.targets[t] for t in batch.rows) * config.vocab_size * 4  # fp32: text_loss casts
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     return Stage2Measure(
         count=count, config=config, terms=terms,
@@ -570,6 +574,25 @@ def single_process_memory(m: Stage2Measure, checkpointing: bool) -> dict:
         f"activations ({'checkpointed' if checkpointing else 'no checkpointing'}, fp32)": m.count.activations(checkpointing),
         "transient logits (fp32)": m.transient,
     }
+
+
+def one_process_prediction(s1: dict, s2: dict, datasets: list[Dataset], weights: list[float], num_classes: int, llm_name: str,
+                           padded_target: Optional[dict[str, int]] = None) -> dict:
+    """Bytes one fp32 process with plain AdamW holds at its peak in a stage-2 step of ``s2``'s batch
+    over ``datasets`` (what ``benchmarks/smoke_real_dims.py`` compares its measured peak with):
+    :func:`single_process_memory` of the measured step, plus the process itself."""
+    batch = stage2_batch(s2, datasets, weights, llm_name, padded_target)
+    m = measure_stage2(s1, s2, batch, num_classes, llm_name, torch.float32)
+    checkpointing = bool(s2["model"]["init_args"]["language_model"].get("gradient_checkpointing"))
+    return {**single_process_memory(m, checkpointing), "process (Python, torch, the libraries)": PROCESS_BASELINE,
+            "checkpoint save buffer (host)": checkpoint_bytes(m)}
+
+
+def checkpoint_bytes(m: Stage2Measure) -> float:
+    """Bytes of a stage-2 checkpoint: every weight but the frozen base LM in fp32, and AdamW's two
+    moments of the trained ones. Lightning serialises a checkpoint into memory before it writes the
+    file (``_atomic_save``: a ``BytesIO``), so a save needs this much more host memory on rank 0."""
+    return (m.vision_total + m.prompt + m.lm_trainable) * 4 + m.trainable * 8
 
 
 def gb(x: float) -> str:
@@ -783,7 +806,12 @@ def single_process_section(f: Figures) -> list[str]:
               f"`exp_avg`, `exp_avg_sq`; no master copy: the weights are fp32) + the fp32 step's activations (what autograd saves, "
               f"measured as above) + the fp32 logits of the largest call + {gb(CUDA_SLACK)} GB, an upper bound: the gradients are "
               "freed (`zero_grad(set_to_none=True)`) while the next forward builds its activations, and AdamW's foreach "
-              "temporaries (about 4 bytes per trainable weight) come in the optimizer step, after the activations are freed.", ""]
+              "temporaries (about 4 bytes per trainable weight) come in the optimizer step, after the activations are freed.", "",
+              "Host memory for saves: Lightning serialises a checkpoint into memory before writing it (`_atomic_save`), so rank 0 "
+              "needs the checkpoint's size in host RAM on top of the process during each save: "
+              + ", ".join(f"{gb(checkpoint_bytes(m))} GB for `{name}`" for name, m in f.single.items())
+              + " (every weight but the frozen base LM in fp32, and AdamW's moments; measured on the CPU by "
+              "`benchmarks/smoke_real_dims.py`, see docs/scaling.md).", ""]
     return lines
 
 
