@@ -267,6 +267,8 @@ class RegionDeepSpeedStrategy(DeepSpeedStrategy):
         self._hf_deepspeed_config = None
 
     def setup(self, trainer: Any) -> None:
+        if self.zero_stage_3:
+            cast_unpartitioned_parameters(self.lightning_module, self.precision_plugin.precision)
         super().setup(trainer)
         # DeepSpeed casts parameters to bf16/fp16 but keeps buffers (so the LM's rotary
         # frequencies stay fp32, as transformers keeps them); the vision side must run in one dtype
@@ -323,6 +325,32 @@ class RegionDeepSpeedStrategy(DeepSpeedStrategy):
             raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint_path} (expected its 'latest' file and tag folder)")
         client_state.setdefault("state_dict", module.state_dict())
         return client_state
+
+
+HALF_PRECISIONS = {"bf16-mixed": "bfloat16", "bf16-true": "bfloat16", "16-mixed": "float16", "16-true": "float16", "bf16": "bfloat16", "16": "float16"}
+
+
+def cast_unpartitioned_parameters(module: nn.Module, precision: str) -> int:
+    """Under ZeRO-3 in half precision, cast the weights built outside ``deepspeed.zero.Init`` (the
+    vision side and the prompt; the LM is built inside it, already in the half dtype) to that dtype.
+
+    DeepSpeed's ZeRO-3 optimizer keeps one flat buffer of every trainable partition and refuses
+    mixed dtypes ("assert len(set(t.dtype for t in tensors)) == 1"); unlike ZeRO-1/2 its engine
+    does not cast the module itself. fp32 master weights are still kept by the optimizer.
+    Returns how many parameters were cast.
+    """
+    import torch
+
+    name = HALF_PRECISIONS.get(str(precision))
+    if name is None:
+        return 0
+    dtype = getattr(torch, name)
+    cast = 0
+    for param in module.parameters():
+        if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
 
 
 def drop_tied_frozen_weights_on_save(engine: Any) -> None:

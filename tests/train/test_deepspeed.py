@@ -292,3 +292,26 @@ def test_a_zero_checkpoint_of_a_tied_embedding_lm_holds_no_frozen_alias(syntheti
     assert not [k for k in saved if k.endswith(("lm_head.weight", "wte.weight", "wpe.weight"))]
     converted = convert_zero(ckpt_dir=str(folder), out=str(tmp_path / "converted.ckpt"))
     assert any(".lora_" in k for k in read_checkpoint(converted)["state_dict"])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known: ZeRO-3 on the CPU engine gets past its optimizer (cast_unpartitioned_parameters) but the first "
+                   "forward fails in DeepSpeed's zero3_linear_wrap inside a peft LoRA layer ('size mismatch, got input (180), mat (180x32), vec (0)': "
+                   "a partitioned bias not gathered); see docs/scaling.md. strict: this test fails loudly once ZeRO-3 trains")
+def test_zero3_trains_two_bf16_steps_and_saves_a_folder_without_the_frozen_lm(synthetic_data, tiny_lm, stage1_checkpoint, tmp_path):
+    """``deepspeed_zero3.yaml`` (weights sharded, the LM built inside ``zero.Init``) through DeepSpeed's engine on the CPU, bf16-mixed."""
+    config = yaml.safe_load((ROOT / "configs/strategies/deepspeed_zero3.yaml").read_text())
+    config["trainer"]["strategy"]["class_path"] = "cpu_deepspeed.CPUDeepSpeedStrategy"
+    config["trainer"]["strategy"]["init_args"]["process_group_backend"] = "gloo"
+    strategy = write_yaml(tmp_path / "zero3_cpu.yaml", config)
+    out = tmp_path / "run"
+    overlay = write_yaml(tmp_path / "tiny.yaml", stage2_overlay(out, synthetic_data, tiny_lm, stage1_checkpoint, 2))
+    cli_fit("--config", "configs/quickstart/stage2.yaml", "--config", str(overlay), "--config", str(strategy), "--trainer.precision", "bf16-mixed")
+    folder = next((out / "checkpoints").glob("*.ckpt"))
+    states = list((folder / "checkpoint").glob("*model_states.pt"))
+    assert states, sorted(p.name for p in (folder / "checkpoint").iterdir())
+    converted = read_checkpoint(convert_zero(ckpt_dir=str(folder), out=str(tmp_path / "converted.ckpt")))
+    lora = {k: v for k, v in converted["state_dict"].items() if ".lora_" in k}
+    assert lora and all(v.numel() > 0 for v in lora.values())  # gathered from the shards, not empty placeholders
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # two steps moved LoRA-B off its zero start
+    assert not any("base_layer" in k or "embed_tokens" in k for k in converted["state_dict"])
