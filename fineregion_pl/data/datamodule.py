@@ -30,7 +30,7 @@ import lightning as L
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fineregion_pl.data.image_folder import BadInputError, ImageBoxesDataset
+from fineregion_pl.data.image_folder import BadInputError, ImageBoxesDataset, collate_user_regions
 from fineregion_pl.data.shards import read_manifest, split_shards
 from fineregion_pl.lightning_private import batches_read_this_epoch
 from fineregion_pl.model.transforms import collate_regions, to_region_sample
@@ -226,7 +226,10 @@ class RegionDataModule(L.LightningDataModule):
         resampled: draw training shards with replacement (for many ranks and nodes).
         train_split, val_split, test_split, predict_split: split folder names.
         predict_images: a folder of images to predict on (with ``predict_boxes``) instead of a split.
-        predict_boxes: JSON/JSONL boxes per image of ``predict_images`` (see ``data/image_folder.py``).
+        predict_boxes: JSON/JSONL boxes per image of ``predict_images``, or a detector's COCO results
+            file (see ``data/image_folder.py``).
+        predict_score_threshold: COCO results: detections scoring below it are not described.
+        predict_top_k: COCO results: at most this many detections per image (the best scores).
     """
 
     def __init__(
@@ -247,6 +250,8 @@ class RegionDataModule(L.LightningDataModule):
         predict_split: str = "test",
         predict_images: Optional[str] = None,
         predict_boxes: Optional[str] = None,
+        predict_score_threshold: float = 0.0,
+        predict_top_k: Optional[int] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -330,9 +335,10 @@ class RegionDataModule(L.LightningDataModule):
         if self.hparams.predict_boxes or self.hparams.predict_images:
             if not (self.hparams.predict_boxes and self.hparams.predict_images):
                 raise BadInputError("give both data.predict_images (a folder) and data.predict_boxes (a JSON/JSONL file)")
-            dataset = ImageBoxesDataset(self.hparams.predict_images, self.hparams.predict_boxes, self.hparams.image_size)
+            dataset = ImageBoxesDataset(self.hparams.predict_images, self.hparams.predict_boxes, self.hparams.image_size,
+                                        score_threshold=self.hparams.predict_score_threshold, top_k=self.hparams.predict_top_k)
             batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
-            return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_regions, num_workers=self.hparams.num_workers)
+            return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_user_regions, num_workers=self.hparams.num_workers)
         return self._loader(self.hparams.predict_split, train=False)
 
 
