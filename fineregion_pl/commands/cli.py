@@ -22,12 +22,14 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
     from fineregion_pl.commands.demo import demo
     from fineregion_pl.commands.export import export
     from fineregion_pl.commands.quickstart import quickstart
+    from fineregion_pl.commands.serve import serve
 
     return {
         "quickstart": (quickstart, "the whole pipeline on the built-in synthetic benchmark, on the CPU"),
         "export": (export, "a stage-2 checkpoint as a LoRA adapter, a merged HF model and the vision weights"),
         "convert-zero": (convert_zero, "a DeepSpeed ZeRO checkpoint folder as one Lightning checkpoint file (for test, predict, export, init_from)"),
-        "demo": (demo, "a local web page: open an image, draw or type boxes, read each region's caption"),
+        "demo": (demo, "a local web page (Gradio): open an image, draw or type boxes, read each region's caption"),
+        "serve": (serve, "an HTTP inference server (LitServe): an image with boxes or detections in, a caption per region out, batched across clients"),
         "ablations": (ablations, "Table 1 (methods) and Table 2 (ablations) on the synthetic benchmark, over seeds"),
     }
 

@@ -21,10 +21,6 @@ NO_MODEL = "no model is loaded: start with --ckpt_path STAGE2.ckpt or --export_d
 IMAGE_HINT = "use a PNG, JPEG, GIF, BMP, TIFF or WebP file"
 
 
-class ImageTooLargeError(BadInputError):
-    """An image with more pixels than the front door accepts (a decompression bomb, say)."""
-
-
 def pick_device(device: str) -> str:
     """``auto``: a GPU when there is one, else the CPU; any other value as given."""
     if device != "auto":
@@ -72,13 +68,13 @@ def read_image(data: Optional[bytes], max_pixels: int) -> Image.Image:
         with Image.open(io.BytesIO(data)) as opened:
             width, height = opened.size
             if width * height > max_pixels:
-                raise ImageTooLargeError(f"the image is too large: {width}x{height} pixels (at most {max_pixels:,} pixels)")
+                raise BadInputError(f"the image is too large: {width}x{height} pixels (at most {max_pixels:,} pixels)")
             opened.load()
             image = ImageOps.exif_transpose(opened).convert("RGB")
     except BadInputError:
         raise
     except Image.DecompressionBombError:
-        raise ImageTooLargeError("the image is too large to read safely") from None
+        raise BadInputError("the image is too large to read safely") from None
     except UnidentifiedImageError:
         raise BadInputError(f"the file is not an image this server can read; {IMAGE_HINT}") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... on broken files
