@@ -73,8 +73,10 @@ def read_image(data: Optional[bytes], max_pixels: int) -> Image.Image:
             image = ImageOps.exif_transpose(opened).convert("RGB")
     except BadInputError:
         raise
-    except Image.DecompressionBombError:
-        raise BadInputError("the image is too large to read safely") from None
+    except Image.DecompressionBombError as err:  # PIL refuses to open it at all: more than twice its own pixel limit
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(found.group(1)):,} pixels" if found else "more pixels than PIL opens"
+        raise BadInputError(f"the image is too large: {size} (at most {max_pixels:,} pixels)") from None
     except UnidentifiedImageError:
         raise BadInputError(f"the file is not an image this server can read; {IMAGE_HINT}") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... on broken files

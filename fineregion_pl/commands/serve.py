@@ -15,6 +15,8 @@ LitServe (up to ``max_batch_size``, waiting at most ``batch_timeout``) and go th
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import sys
 import tempfile
 import threading
@@ -115,6 +117,15 @@ class CaptionerAPI(LitAPI):
         return output
 
 
+_MAIN_PID: list[int] = []
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    if os.getpid() in _MAIN_PID:
+        raise KeyboardInterrupt
+    raise SystemExit(0)  # a forked HTTP process inherits this handler; uvicorn re-raises the signal there once it has stopped
+
+
 def _announce_when_ready(url: str, health: str) -> None:
     """Print the address once ``/health`` answers ok (LitServe's ``run`` blocks until it stops)."""
     def poll() -> None:
@@ -188,6 +199,9 @@ def serve(
     local = "127.0.0.1" if host == "0.0.0.0" else ("[::1]" if host == "::" else host)
     print(f"fineregion-pl serve: loading {source} (batches of up to {max_batch_size}, waiting up to {batch_timeout} s) ...", flush=True)
     _announce_when_ready(f"http://{shown}:{port}/", f"http://{local}:{port}/health")
+    # SIGTERM (kill, a job scheduler) takes LitServe's Ctrl+C path, which stops the HTTP and model processes too
+    _MAIN_PID.append(os.getpid())
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.run(host=host, port=port, generate_client_file=False, num_api_servers=1, log_level="warning")
     except RuntimeError as err:

@@ -91,18 +91,21 @@ def check_request(fields: dict, image_bytes: bytes | None, limits: Limits) -> di
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise RequestError(422, f"unknown field {unknown[0]!r} (a request has {', '.join(FIELDS)})")
-    if image_bytes is None:
-        if "image" not in fields:
-            raise RequestError(422, "missing field 'image' (base64, or a file in multipart/form-data)")
-        image_bytes = decode_base64_image(fields["image"])
+    if image_bytes is None and "image" not in fields:
+        raise RequestError(422, "missing field 'image' (base64, or a file in multipart/form-data)")
     boxes, detections = _list(fields, "boxes"), _list(fields, "detections")
     if boxes is None and detections is None:
         raise RequestError(422, "missing field 'boxes' ([[x0, y0, x1, y1], ...]) or 'detections' (COCO results)")
     if boxes is not None and detections is not None:
         raise RequestError(422, "give either 'boxes' or 'detections', not both")
-    try:
-        if boxes is not None:
+    if boxes is not None:
+        try:
             check_count(len(boxes), limits.max_regions)  # before decoding anything: 10,000 boxes cost nothing
+        except BadInputError as err:
+            raise RequestError(422, str(err)) from None
+    if image_bytes is None:
+        image_bytes = decode_base64_image(fields["image"])
+    try:
         image = read_image(image_bytes, limits.max_pixels)
     except BadInputError as err:
         raise RequestError(422, str(err)) from None
