@@ -20,6 +20,7 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
     from fineregion_pl.commands.ablations import ablations
     from fineregion_pl.commands.convert_zero import convert_zero
     from fineregion_pl.commands.demo import demo
+    from fineregion_pl.commands.detect import detect
     from fineregion_pl.commands.export import export
     from fineregion_pl.commands.quickstart import quickstart
     from fineregion_pl.commands.serve import serve
@@ -30,6 +31,7 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
         "convert-zero": (convert_zero, "a DeepSpeed ZeRO checkpoint folder as one Lightning checkpoint file (for test, predict, export, init_from)"),
         "demo": (demo, "a local web page (Gradio): open an image, draw or type boxes, read each region's caption"),
         "serve": (serve, "an HTTP inference server (LitServe): an image with boxes or detections in, a caption per region out, batched across clients"),
+        "detect": (detect, "boxes for every object of a folder of images from a torchvision detector, as a COCO results file for predict"),
         "ablations": (ablations, "Table 1 (methods) and Table 2 (ablations) on the synthetic benchmark, over seeds"),
     }
 

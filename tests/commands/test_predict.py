@@ -59,3 +59,61 @@ def test_predict_writes_one_jsonl_line_per_box_and_a_picture_per_image(vg_images
     assert pictures == sorted(name.replace(".jpg", ".png") for name in boxes)
     with Image.open(out / "images" / pictures[0]) as picture:
         assert max(picture.size) >= 512
+
+
+def predict_config(stage2_checkpoint, tmp_path):
+    hparams = read_checkpoint(stage2_checkpoint)["hyper_parameters"]
+    config = {"model": {"class_path": "fineregion_pl.Stage2Module", "init_args": {k: hparams[k] for k in ("language_model", "init_from", "prompt_tokens", "prompt_hidden", "max_new_tokens")}},
+              "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(tmp_path)}}
+    (tmp_path / "predict.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "predict.yaml"
+
+
+def run_predict(config, stage2_checkpoint, folder, boxes_file, out, *extra):
+    run_lightning([
+        "predict", "--config", str(config), "--ckpt_path", str(stage2_checkpoint), "--data.predict_images", str(folder),
+        "--data.predict_boxes", str(boxes_file), "--data.image_size", "64", "--data.eval_batch_size", "2", "--data.num_workers", "0",
+        "--writer.output_dir", str(out), *extra,
+    ])
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_predict_on_a_coco_results_file_writes_one_caption_per_kept_detection(vg_images, stage2_checkpoint, tmp_path):
+    """The fixture images' regions as a detector's output (COCO results, keyed by image_id, scored,
+    one with a mask): the threshold and top-k decide which are described, one line each."""
+    folder, _, boxes = vg_images
+    detections = []
+    for name, value in boxes.items():
+        for rank, (x0, y0, x1, y1) in enumerate(value["boxes"]):
+            detections.append({"image_id": int(name.split(".")[0]), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": round(0.95 - 0.2 * rank, 2), "category_id": 1})
+        detections.append({"image_id": int(name.split(".")[0]), "bbox": [0, 0, 10, 10], "score": 0.1, "category_id": 2})  # below the threshold
+    x, y, _, _ = detections[0]["bbox"]
+    detections[0]["segmentation"] = [[x, y, x + 5, y, x + 5, y + 5]]  # a mask (polygon) for one detection
+    (tmp_path / "detections.json").write_text(json.dumps(detections))
+    threshold, top_k = 0.5, 2
+    kept = {}
+    for index, d in enumerate(detections):
+        if d["score"] >= threshold:
+            kept.setdefault(f"{d['image_id']}.jpg", []).append((d["score"], index))
+    kept = {name: sorted(found, key=lambda s: -s[0])[:top_k] for name, found in kept.items()}
+    rows = run_predict(predict_config(stage2_checkpoint, tmp_path), stage2_checkpoint, folder, tmp_path / "detections.json", tmp_path / "out",
+                       "--data.predict_score_threshold", str(threshold), "--data.predict_top_k", str(top_k))
+    assert sorted((r["image_id"], r["region_id"]) for r in rows) == sorted((name, index) for name, found in kept.items() for _, index in found)
+    for row in rows:
+        x, y, w, h = detections[row["region_id"]]["bbox"]
+        assert row["box"] == pytest.approx([x, y, x + w, y + h], abs=0.05) and isinstance(row["caption"], str)
+
+
+def test_detect_writes_coco_results_that_predict_reads(vg_images, stage2_checkpoint, tmp_path):
+    """``fineregion-pl detect`` with a torchvision detector (random weights: no download here, so
+    its boxes mean nothing) writes a COCO results file; predict describes every detection kept."""
+    from fineregion_pl.commands.detect import detect
+
+    folder, _, _ = vg_images
+    detect(images=str(folder), out=str(tmp_path / "detections.json"), model="fasterrcnn_mobilenet_v3_large_320_fpn", weights="none",
+           min_score=0.0, max_detections=3, device="cpu")
+    detections = json.loads((tmp_path / "detections.json").read_text())
+    assert detections and {tuple(sorted(d)) for d in detections} == {("bbox", "category_id", "file_name", "score")}
+    assert {d["file_name"] for d in detections} <= {p.name for p in folder.iterdir()}
+    rows = run_predict(predict_config(stage2_checkpoint, tmp_path), stage2_checkpoint, folder, tmp_path / "detections.json", tmp_path / "out")
+    assert sorted((r["image_id"], r["region_id"]) for r in rows) == sorted((d["file_name"], i) for i, d in enumerate(detections))
