@@ -70,7 +70,12 @@ class CaptionerAPI(LitAPI):
     def batch(self, inputs: list[dict]) -> list[dict]:
         return inputs
 
-    def predict(self, inputs: list[dict]) -> list[dict]:
+    def predict(self, inputs: list[dict] | dict) -> list[dict] | dict:
+        if isinstance(inputs, dict):  # max_batch_size 1: LitServe passes one request, without batch/unbatch
+            return self._answers([inputs])[0]
+        return self._answers(inputs)
+
+    def _answers(self, inputs: list[dict]) -> list[dict]:
         try:
             answers = self._describe(inputs)
         except Exception:  # the batch failed: each request alone, so one cannot fail the others
