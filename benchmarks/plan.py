@@ -154,12 +154,14 @@ def from_config_loader(name: str, dtype: torch.dtype) -> Callable:
     """What ``load_language_model`` does, with the LM built from its config instead of downloaded.
 
     ``AutoModelForCausalLM.from_config`` (in the current device context: meta), ``train()``, peft
-    LoRA from ``config.lora`` exactly as ``load_language_model`` sets it up. Two differences, both
-    for the meta device: eager attention (sdpa's mask check reads the mask's values; the attention
-    FLOPs are the same), and gradient checkpointing is not switched on but modelled (:class:`StepCount`).
+    LoRA from ``config.lora`` exactly as ``load_language_model`` sets it up. The dtype is the plan's
+    (bf16 for the recipe's ``dtype: bfloat16`` under ``bf16-mixed``, fp32 for the one-process table),
+    whatever ``precision`` the caller passes. Two differences, both for the meta device: eager
+    attention (sdpa's mask check reads the mask's values; the attention FLOPs are the same), and
+    gradient checkpointing is not switched on but modelled (:class:`StepCount`).
     """
 
-    def load(config) -> tuple[torch.nn.Module, Any, bool]:
+    def load(config, precision: Optional[str] = None) -> tuple[torch.nn.Module, Any, bool]:
         import transformers
         from peft import LoraConfig, TaskType, get_peft_model
 

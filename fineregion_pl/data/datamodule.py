@@ -257,7 +257,10 @@ class RegionDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.data_dirs = [str(d) for d in data_dirs]
         if weights is not None and len(weights) != len(self.data_dirs):
-            raise ValueError(f"data.weights has {len(weights)} entries for {len(self.data_dirs)} data_dirs")
+            raise BadInputError(
+                f"data.weights has {len(weights)} entries for {len(self.data_dirs)} data_dirs {list(self.data_dirs)}: give one weight per "
+                f"shard set (--data.weights '[{', '.join(['1.0'] * len(self.data_dirs))}]') or --data.weights null (weights by image count)"
+            )
 
     def manifests(self, split: str) -> list[dict]:
         """The manifest of ``split`` in every shard set."""

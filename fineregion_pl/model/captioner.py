@@ -131,12 +131,17 @@ class RegionCaptioner(nn.Module):
             self.build_language()
 
     # ------------------------------------------------------------------ parts
-    def build_language(self) -> None:
-        """Load the language model (``from_pretrained`` + LoRA) and build the region prompt for it."""
+    def build_language(self, precision: Optional[str] = None) -> None:
+        """Load the language model (``from_pretrained`` + LoRA) and build the region prompt for it.
+
+        Args:
+            precision: the trainer's precision, which ``language_model.dtype: auto`` follows
+                (``None``: float32, the exact reference on a CPU).
+        """
         if "language" in self._modules:
             return
         cfg = self.config
-        language = RegionLanguageModel(cfg.language_model)
+        language = RegionLanguageModel(cfg.language_model, precision)
         prompt = RegionPrompt(self.vision.out_dim, language.hidden_size, cfg.prompt_tokens, cfg.prompt_mode, cfg.prompt_hidden, language.embedding_rms())
         # not add_module: it probes hasattr(), which would call the properties below
         self._modules["language"] = language
@@ -391,48 +396,69 @@ class RegionCaptioner(nn.Module):
         self.load_state_dict({**{k: own[k] for k in frozen - set(state)}, **state})
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> RegionCaptioner:
-        """A stage-2 Lightning checkpoint file (its base LM must be reachable at the saved path or hub name)."""
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", dtype: Optional[str] = None) -> RegionCaptioner:
+        """A stage-2 Lightning checkpoint file (its base LM must be reachable at the saved path or hub name).
+
+        Args:
+            path: the ``.ckpt`` file.
+            device: where to run.
+            dtype: load the base LM in this dtype instead of the checkpoint's ``language_model.dtype``
+                (whose ``auto`` is float32 here, outside a trainer).
+        """
         checkpoint = read_checkpoint(path)
         hparams = checkpoint.get("hyper_parameters") or {}
         if "language_model" not in hparams:
             raise BadInputError(f"{path} is not a stage-2 checkpoint (no language_model in its hyper-parameters)")
-        captioner = cls(CaptionerConfig.from_dict(hparams))
+        config = CaptionerConfig.from_dict(hparams)
+        if dtype is not None:
+            config.language_model.dtype = dtype
+        captioner = cls(config)
         captioner.load_trained_weights(captioner_weights(checkpoint["state_dict"]), str(path))
         return captioner.eval().to(device)
 
-    def save_pretrained(self, folder: str | Path, merge: bool = True, **extra: Any) -> Path:
+    def save_pretrained(self, folder: str | Path, merge: bool = True, dtype: str = "float32", **extra: Any) -> Path:
         """Write the export folder, this model's native format.
 
         Layout: ``adapter/`` (the LoRA adapter, ``PeftModel.from_pretrained(base, adapter/)``),
         ``merged/`` (the base LM with the adapter merged in and its tokenizer, plain
         ``AutoModelFor*.from_pretrained``), ``vision.safetensors`` (``vision.*`` and ``prompt.*``)
-        and ``fineregion.json`` (the :class:`CaptionerConfig`, plus ``extra``). With full
-        fine-tuning there is no ``adapter/`` and ``merged/`` is the fine-tuned LM.
+        and ``fineregion.json`` (the :class:`CaptionerConfig`, the saved dtype, the measured
+        ``max_logit_difference`` between this model and the merged one, plus ``extra``). With
+        full fine-tuning there is no ``adapter/`` and ``merged/`` is the fine-tuned LM.
+
+        The adapter is merged into the base weights in float32 (merging into bfloat16 weights
+        rounds every merged weight and changes captions); ``dtype`` is only what ``merged/`` is
+        saved in.
         """
         from peft import PeftModel
         from safetensors.torch import save_file
 
+        from fineregion_pl.model.precision import named_dtype
+
+        save_dtype = named_dtype(dtype) or torch.float32
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         language = self.language
         lora = isinstance(language.model, PeftModel)
         merged_dir = out / "merged"
+        difference = None
         if lora:
             language.model.save_pretrained(out / "adapter")
             language.tokenizer.save_pretrained(out / "adapter")
             if merge:
-                merged = merged_language_model(language, out / "adapter")
+                merged = merged_language_model(language, out / "adapter").to(save_dtype)
+                difference = max_logit_difference(language, merged)
                 merged.save_pretrained(merged_dir)
         else:
-            language.model.save_pretrained(merged_dir)
+            language.model.to(save_dtype).save_pretrained(merged_dir)
         if merge or not lora:
             language.tokenizer.save_pretrained(merged_dir)
         weights = {f"vision.{k}": v.detach().contiguous() for k, v in self.vision.state_dict().items()}
         weights.update({f"prompt.{k}": v.detach().contiguous() for k, v in self.prompt.state_dict().items()})
         save_file(weights, str(out / VISION_WEIGHTS))
         config = {"captioner": self.config.to_dict(), "encoder_decoder": language.encoder_decoder, "lora": lora,
-                  "base_model": self.config.language_model.name_or_path, **extra}
+                  "base_model": self.config.language_model.name_or_path, "dtype": str(save_dtype).removeprefix("torch."),
+                  "max_logit_difference": difference, **extra}
         (out / EXPORT_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
         return out
 
@@ -463,13 +489,29 @@ class RegionCaptioner(nn.Module):
 
 
 def merged_language_model(language: RegionLanguageModel, adapter_dir: Path) -> nn.Module:
-    """The base LM (loaded again from its source) with the adapter saved in ``adapter_dir`` merged in."""
+    """The base LM, loaded again from its source in float32, with the adapter saved in ``adapter_dir`` merged in (in float32)."""
     import transformers
     from peft import PeftModel
 
     auto = transformers.AutoModelForSeq2SeqLM if language.encoder_decoder else transformers.AutoModelForCausalLM
-    base = auto.from_pretrained(language.config.name_or_path, dtype=language.model.get_input_embeddings().weight.dtype)
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    base = auto.from_pretrained(language.config.name_or_path, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter_dir, autocast_adapter_dtype=False).merge_and_unload().eval()
+
+
+@torch.no_grad()
+def max_logit_difference(language: RegionLanguageModel, merged: nn.Module, length: int = 24, rows: int = 4, seed: int = 0) -> float:
+    """Largest absolute difference between the logits of the adapted LM and of ``merged`` on random token ids."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = language.model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (rows, length), generator=generator).to(next(merged.parameters()).device)
+    kwargs = {"decoder_input_ids": ids} if language.encoder_decoder else {}
+    was_training = language.model.training
+    language.model.eval()
+    try:
+        adapted = language.model(input_ids=ids, **kwargs).logits.float()
+    finally:
+        language.model.train(was_training)
+    return float((adapted - merged(input_ids=ids, **kwargs).logits.float()).abs().max())
 
 
 def captioner_weights(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fineregion_pl.model.errors import BadInputError
+from fineregion_pl.model.precision import language_model_dtype
 
 IGNORE = -100
 
@@ -48,7 +49,9 @@ class LanguageModelConfig:
 
     Attributes:
         name_or_path: a Hugging Face hub name or a local folder saved with ``save_pretrained``.
-        dtype: load dtype (``bfloat16`` for a 7B model on GPU; ``null`` keeps the checkpoint's).
+        dtype: load dtype: ``auto`` follows the trainer's precision (bfloat16 under ``bf16-mixed``,
+            float16 under ``16-mixed``, float32 under ``32-true`` and outside a trainer), or
+            ``bfloat16``/``float16``/``float32`` (see :mod:`fineregion_pl.model.precision`).
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (when installed).
         gradient_checkpointing: recompute LM activations in backward.
         lora: LoRA settings.
@@ -58,7 +61,7 @@ class LanguageModelConfig:
     """
 
     name_or_path: str = "runs/quickstart/tiny-lm"
-    dtype: Optional[str] = None
+    dtype: Optional[str] = "auto"
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -67,16 +70,7 @@ class LanguageModelConfig:
     question_template: str = "where is the region {region} relative to the region {region} ?"
 
 
-def _resolve_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    if name in (None, "auto"):
-        return None
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}: use bfloat16, float16 or float32")
-    return dtype
-
-
-def load_language_model(config: LanguageModelConfig) -> tuple[nn.Module, transformers.PreTrainedTokenizerBase, bool]:
+def load_language_model(config: LanguageModelConfig, precision: Optional[str] = None) -> tuple[nn.Module, transformers.PreTrainedTokenizerBase, bool]:
     """Load the LM and tokenizer with ``from_pretrained`` and wrap the LM with LoRA.
 
     Returns ``(model, tokenizer, is_encoder_decoder)``. With LoRA only the adapter weights are
@@ -91,9 +85,7 @@ def load_language_model(config: LanguageModelConfig) -> tuple[nn.Module, transfo
         raise BadInputError(f"cannot load language model {config.name_or_path!r}: {str(err).splitlines()[0]}") from None
     encoder_decoder = bool(getattr(lm_config, "is_encoder_decoder", False))
     auto = transformers.AutoModelForSeq2SeqLM if encoder_decoder else transformers.AutoModelForCausalLM
-    kwargs = {}
-    if config.dtype not in (None, "auto"):
-        kwargs["dtype"] = _resolve_dtype(config.dtype)
+    kwargs = {"dtype": language_model_dtype(config.dtype, precision)}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     model = auto.from_pretrained(config.name_or_path, **kwargs)
@@ -147,12 +139,13 @@ class RegionLanguageModel(nn.Module):
 
     Args:
         config: the LM to load and its template.
+        precision: the trainer's precision (``bf16-mixed``...), which ``dtype: auto`` follows; ``None`` outside a trainer.
     """
 
-    def __init__(self, config: LanguageModelConfig):
+    def __init__(self, config: LanguageModelConfig, precision: Optional[str] = None):
         super().__init__()
         self.config = config
-        self.model, self.tokenizer, self.encoder_decoder = load_language_model(config)
+        self.model, self.tokenizer, self.encoder_decoder = load_language_model(config, precision)
         self.templates = {
             "caption": self._template_ids(config.caption_template, slots=1),
             "referring": self._template_ids(config.referring_template, slots=1),

@@ -57,7 +57,7 @@ def consistency_loss(representations: Tensor, boxes: Tensor, region_valid: Tenso
     pair = pair & ~torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)
     b, i, j = pair.nonzero(as_tuple=True)
     sq_dist = (representations[b, i].float() - representations[b, j].float()).pow(2).sum(-1)
-    per_image = torch.zeros(valid.shape[0], device=representations.device).index_add(0, b, sq_dist)
+    per_image = torch.zeros(valid.shape[0], device=representations.device, dtype=sq_dist.dtype).index_add(0, b, sq_dist)
     per_image = per_image / valid.sum(1).clamp(min=1)
     has_regions = valid.any(1)
     return (per_image * has_regions).sum() / has_regions.sum().clamp(min=1)

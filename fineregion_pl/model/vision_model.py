@@ -62,6 +62,21 @@ class RegionVisionModel(nn.Module):
     def out_dim(self) -> int:
         return self.encoder.out_dim
 
+    def match_buffers_to_parameters(self) -> int:
+        """Cast floating buffers (Swin's ``attn_mask``) to the dtype of the parameters; returns how many changed.
+
+        A strategy that casts parameters but not buffers (DeepSpeed under ``bf16-mixed``) would
+        otherwise leave an fp32 mask that turns bf16 attention scores back into fp32, and the next
+        matmul with bf16 values fails.
+        """
+        dtype = next(self.parameters()).dtype
+        changed = 0
+        for buffer in self.buffers():
+            if buffer.is_floating_point() and buffer.dtype != dtype:
+                buffer.data = buffer.data.to(dtype)
+                changed += 1
+        return changed
+
     def forward(
         self,
         images: Tensor,

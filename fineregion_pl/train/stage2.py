@@ -117,7 +117,11 @@ class Stage2Module(L.LightningModule):
     # which Lightning calls inside the strategy's init context: under DeepSpeed ZeRO-3 the LM is
     # sharded as it is built. Outside a Trainer, the first use of `model.language` builds them.
     def configure_model(self) -> None:
-        self.model.build_language()
+        try:
+            precision = str(self.trainer.precision)  # what `language_model.dtype: auto` follows
+        except RuntimeError:  # not attached to a Trainer: float32
+            precision = None
+        self.model.build_language(precision=precision)
 
     def setup(self, stage: str) -> None:
         # Lightning calls setup before it restores a checkpoint, so a resumed run ends with its own weights

@@ -222,3 +222,73 @@ def test_converted_stage1_zero_checkpoint_is_a_stage2_init_from(synthetic_data, 
     stage2.setup("fit")  # as the Trainer does before training: the stage-1 weights go in
     vision = stage2.model.vision.state_dict()
     assert all(torch.equal(vision[k[len("model."):]], v) for k, v in state.items() if k.startswith("model."))
+
+
+def fit_recipe(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``fineregion-pl fit`` run from ``cwd`` (the recipe's relative ``runs/...`` paths land there) on the CPU."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(SCRIPTS), os.environ.get("PYTHONPATH", "")) if p))
+    return subprocess.run([sys.executable, "-m", "fineregion_pl", "fit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def shifted_stage1_checkpoint(synthetic_data, tmp_path_factory) -> Path:
+    """A stage-1 checkpoint whose Swin has shifted windows (two blocks a stage): its blocks hold the
+    float ``attn_mask`` buffer that a bf16 engine must cast with the weights."""
+    import lightning as L
+    from conftest import TINY_BACKBONE_KWARGS, tiny_encoder_config, tiny_trainer
+
+    from fineregion_pl import RegionDataModule, Stage1Module
+
+    L.seed_everything(0)
+    out = tmp_path_factory.mktemp("stage1_shifted")
+    encoder = tiny_encoder_config(backbone_kwargs=dict(TINY_BACKBONE_KWARGS, depths=[2, 2, 2]))
+    module = Stage1Module(encoder=encoder, num_classes=5, categories=["circle", "square", "triangle", "diamond", "cross"])
+    assert any(name.endswith("attn_mask") and b is not None for name, b in module.named_buffers())
+    trainer = tiny_trainer(out, max_steps=1, enable_checkpointing=False)
+    trainer.fit(module, RegionDataModule([str(synthetic_data)], image_size=64, batch_size=4, num_workers=0))
+    trainer.save_checkpoint(out / "stage1.ckpt")
+    return out / "stage1.ckpt"
+
+
+@pytest.mark.slow
+def test_the_gpu_recipe_trains_two_bf16_steps_through_the_deepspeed_engine(synthetic_data, tiny_lm, shifted_stage1_checkpoint, tmp_path):
+    """``configs/stage2.yaml`` + ``configs/strategies/deepspeed_zero2.yaml`` as documented (bf16-mixed,
+    dtype auto, gradient checkpointing, every loss on), with only the machine-specific overrides:
+    the CPU, local model paths, the shards (and the tiny model's input size)."""
+    strategy = cpu_deepspeed_config(tmp_path)
+    machine = [
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "2",
+        "--model.init_args.init_from", str(shifted_stage1_checkpoint), "--model.init_args.language_model.name_or_path", str(tiny_lm),
+        "--data.data_dirs", f"[{synthetic_data}]", "--data.weights", "[1.0]", "--data.num_workers", "0", "--data.image_size", "64",
+    ]
+    done = fit_recipe(tmp_path, "--config", str(ROOT / "configs/stage2.yaml"), "--config", str(strategy), *machine)
+    assert done.returncode == 0, done.stderr[-4000:]
+    saved = tmp_path / "runs" / "stage2" / "checkpoints" / "last.ckpt"
+    model_states = torch.load(saved / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert model_states["global_steps"] == 2
+    weights = model_states["module"]
+    assert {v.dtype for k, v in weights.items() if ".lora_" in k} == {torch.bfloat16}  # DeepSpeed trained in bf16
+    assert not any("base_layer" in k or "embed_tokens" in k for k in weights)
+    # a recipe overridden to one shard set keeps its two weights: one line, naming what to change
+    wrong = fit_recipe(tmp_path, "--config", str(ROOT / "configs/stage2.yaml"), *machine[:-8], "--data.data_dirs", f"[{synthetic_data}]")
+    assert wrong.returncode != 0
+    assert wrong.stderr.strip().splitlines()[-1].startswith("fineregion-pl: error: data.weights has 2 entries for 1 data_dirs"), wrong.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_zero_checkpoint_of_a_tied_embedding_lm_holds_no_frozen_alias(synthetic_data, stage1_checkpoint, tmp_path):
+    """GPT-2 ties ``lm_head.weight`` to the frozen ``wte.weight``: neither may stay in the ZeRO folder."""
+    from fineregion_pl.train.tiny_lm import build_tiny_lm, synthetic_pretraining_texts
+
+    lm = tmp_path / "gpt2"
+    build_tiny_lm(lm, synthetic_pretraining_texts(0, 50), hidden_size=32, num_layers=1, num_heads=2, steps=2, progress=False, family="gpt2")
+    out = tmp_path / "run"
+    overlay = write_yaml(tmp_path / "tiny.yaml", stage2_overlay(out, synthetic_data, lm, stage1_checkpoint, 2))
+    cli_fit("--config", "configs/quickstart/stage2.yaml", "--config", str(overlay), "--config", str(cpu_deepspeed_config(tmp_path)))
+    folder = next((out / "checkpoints").glob("*.ckpt"))
+    saved = torch.load(folder / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert any(".lora_" in k for k in saved)
+    assert not [k for k in saved if k.endswith(("lm_head.weight", "wte.weight", "wpe.weight"))]
+    converted = convert_zero(ckpt_dir=str(folder), out=str(tmp_path / "converted.ckpt"))
+    assert any(".lora_" in k for k in read_checkpoint(converted)["state_dict"])
