@@ -18,10 +18,11 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from fineregion_pl.commands.inputs import pick_device
+from fineregion_pl.commands.inputs import pick_device, read_image
 from fineregion_pl.model.errors import BadInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAX_PIXELS = 100_000_000  # predict's image folder skips larger images too
 
 
 def load_detector(model: str, weights: str, min_score: float, max_detections: int):
@@ -81,7 +82,6 @@ def detect(
         device: ``auto``, ``cpu``, ``cuda``...
     """
     import torch
-    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.functional import pil_to_tensor
 
     folder = Path(images)
@@ -96,10 +96,9 @@ def detect(
     results, skipped = [], 0
     for path in files:
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
-            warnings.warn(f"skipped image {path}: unreadable ({str(err).splitlines()[0]})", stacklevel=2)
+            image = read_image(path.read_bytes(), MAX_PIXELS)  # the front doors' one image reader
+        except (OSError, BadInputError) as err:
+            warnings.warn(f"skipped image {path}: {err}", stacklevel=2)
             skipped += 1
             continue
         with torch.no_grad():
