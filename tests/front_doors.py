@@ -111,3 +111,17 @@ def browser_stack_missing(*modules: str) -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed ({INSTALL})"
     return None
+
+
+def draw_box(page, box, zoom: int, image_side: int) -> None:
+    """Drag a box (image pixels) on the annotator's canvas, where the image is shown ``zoom`` times larger, centred."""
+    canvas = page.locator("#annotator canvas").bounding_box()
+    side = image_side * zoom
+    left = canvas["x"] + (canvas["width"] - side) / 2
+    top = canvas["y"] + (canvas["height"] - side) / 2
+    x0, y0, x1, y1 = (v * zoom for v in box)
+    page.mouse.move(left + x0, top + y0)
+    page.mouse.down()
+    page.mouse.move(left + (x0 + x1) / 2, top + (y0 + y1) / 2, steps=4)
+    page.mouse.move(left + x1, top + y1, steps=4)
+    page.mouse.up()

@@ -198,12 +198,12 @@ def build_app(service: DemoService, model_name: str, examples: Sequence[str] = (
                 gallery = gr.Gallery(value=list(examples), label="Or pick an example (synthetic test images)", columns=max(1, len(examples)),
                                      height=140, allow_preview=False, elem_id="examples", visible=bool(examples))
                 annotator = image_annotator(label="Draw boxes on the image", sources=[], image_type="pil", disable_edit_boxes=True,
-                                            show_download_button=False, box_min_size=4, elem_id="annotator")
+                                            show_download_button=False, show_share_button=False, box_min_size=4, elem_id="annotator")
                 typed = gr.Textbox(label="Or type boxes: x0,y0,x1,y1 in image pixels, one per line", lines=3, elem_id="boxes")
                 button = gr.Button("Describe", variant="primary", elem_id="describe")
             with gr.Column():
                 note = gr.HTML(message("open an image or pick an example, then draw boxes"), elem_id="message")
-                picture = gr.Image(label="Regions", type="pil", interactive=False, elem_id="picture")
+                picture = gr.Image(label="Regions", type="pil", interactive=False, buttons=["download", "fullscreen"], elem_id="picture")  # no "share": nothing leaves the machine
                 table = gr.HTML(results_table([]), elem_id="results")
         file.upload(upload, inputs=[file], outputs=[file, annotator, opened, note])
         gallery.select(pick, outputs=[annotator, opened, note])

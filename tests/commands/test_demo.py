@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from front_doors import CHROMIUM, CHROMIUM_FLAGS, StubCaptioner, VerbProcess, browser_stack_missing, png
+from front_doors import CHROMIUM, CHROMIUM_FLAGS, StubCaptioner, VerbProcess, browser_stack_missing, draw_box, png
 from PIL import Image
 
 from fineregion_pl.commands.demo import DemoService, drawing_copy, results_table
@@ -141,20 +141,6 @@ def demo_server(stage2_checkpoint, tmp_path):
         yield server
     finally:
         server.stop()
-
-
-def draw_box(page, box, zoom: int, image_side: int) -> None:
-    """Drag a box (image pixels) on the annotator's canvas, where the image is shown ``zoom`` times larger, centred."""
-    canvas = page.locator("#annotator canvas").bounding_box()
-    side = image_side * zoom
-    left = canvas["x"] + (canvas["width"] - side) / 2
-    top = canvas["y"] + (canvas["height"] - side) / 2
-    x0, y0, x1, y1 = (v * zoom for v in box)
-    page.mouse.move(left + x0, top + y0)
-    page.mouse.down()
-    page.mouse.move(left + (x0 + x1) / 2, top + (y0 + y1) / 2, steps=4)
-    page.mouse.move(left + x1, top + y1, steps=4)
-    page.mouse.up()
 
 
 @pytest.mark.slow
