@@ -117,3 +117,29 @@ def test_detect_writes_coco_results_that_predict_reads(vg_images, stage2_checkpo
     assert {d["file_name"] for d in detections} <= {p.name for p in folder.iterdir()}
     rows = run_predict(predict_config(stage2_checkpoint, tmp_path), stage2_checkpoint, folder, tmp_path / "detections.json", tmp_path / "out")
     assert sorted((r["image_id"], r["region_id"]) for r in rows) == sorted((d["file_name"], i) for i, d in enumerate(detections))
+
+
+def test_detect_writes_a_mask_rcnn_mask_as_an_rle_the_regions_read():
+    """A Mask R-CNN output (as torchvision gives it: soft masks ``N x 1 x H x W``) becomes COCO
+    results whose RLE decodes to the thresholded mask and passes the server's and predict's checks."""
+    import numpy as np
+    import torch
+    from pycocotools import mask as mask_utils
+
+    from fineregion_pl.commands.detect import detections_of
+    from fineregion_pl.model.detections import regions_from_detections
+
+    soft = torch.zeros(2, 1, 16, 20)
+    soft[0, 0, 3:12, 2:10] = 0.9
+    soft[1, 0, 5:7, 15:19] = 0.6
+    soft[1, 0, 8, 8] = 0.4  # below 0.5: not in the mask
+    output = {"boxes": torch.tensor([[2.0, 3.0, 10.0, 12.0], [15.0, 5.0, 19.0, 7.0]]), "scores": torch.tensor([0.8, 0.3]),
+              "labels": torch.tensor([3, 1]), "masks": soft}
+    rows = detections_of(output, "a.png", [f"class {i}" for i in range(5)])
+    assert [(r["file_name"], r["bbox"], r["category_id"], r["category_name"]) for r in rows] == [
+        ("a.png", [2.0, 3.0, 8.0, 9.0], 3, "class 3"), ("a.png", [15.0, 5.0, 4.0, 2.0], 1, "class 1")]
+    for row, expected in zip(rows, soft[:, 0] > 0.5):
+        rle = dict(row["segmentation"], counts=row["segmentation"]["counts"].encode("ascii"))
+        assert np.array_equal(mask_utils.decode(rle), expected.numpy().astype(np.uint8))
+    regions = regions_from_detections(json.loads(json.dumps(rows)), "detections", 20, 16, score_threshold=0.5)
+    assert [r["id"] for r in regions] == [0] and regions[0]["segmentation"]["size"] == [16, 20]
