@@ -25,6 +25,7 @@ import base64
 import datetime as _dt
 import io
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -138,7 +139,7 @@ def load(server: Server, cases: list[tuple[dict, list[str]]], count: int, start:
         results = list(pool.map(send, range(start, start + count)))
     seconds = time.perf_counter() - began
     return {"seconds": seconds, "errors": sum(s != 200 for s, _, _ in results), "mismatches": sum(s == 200 and not same for s, same, _ in results),
-            "batches": [b for s, _, b in results if s == 200]}
+            "batches": [b for s, _, b in results if s == 200], "statuses": [s for s, _, _ in results if s != 200]}
 
 
 def run(quick: bool) -> list[dict]:
@@ -151,11 +152,12 @@ def run(quick: bool) -> list[dict]:
     try:
         for server in servers.values():
             server.wait_ready()
-        totals = {name: {"seconds": [], "errors": 0, "mismatches": 0, "batches": [], "requests": 0} for name in servers}
+        totals = {name: {"seconds": [], "errors": 0, "mismatches": 0, "batches": [], "requests": 0, "statuses": []} for name in servers}
         for name, server in servers.items():
             first = load(server, cases, warmup, 0)
             totals[name]["errors"] += first["errors"]
             totals[name]["mismatches"] += first["mismatches"]
+            totals[name]["statuses"] += first["statuses"]
             totals[name]["requests"] += warmup
         memory_after_warmup = {name: server.rss_bytes() for name, server in servers.items()}
         names = list(servers)
@@ -166,6 +168,7 @@ def run(quick: bool) -> list[dict]:
                 totals[name]["errors"] += result["errors"]
                 totals[name]["mismatches"] += result["mismatches"]
                 totals[name]["batches"] += result["batches"]
+                totals[name]["statuses"] += result["statuses"]
                 totals[name]["requests"] += per_round
         memory_after_load = {name: server.rss_bytes() for name, server in servers.items()}
     finally:
@@ -192,7 +195,7 @@ def rows_of(totals: dict, before: dict, after: dict, per_round: int, quick: bool
     rows = [
         row("serve", "throughput with batching / without (16 clients)", speedup, f">= {TARGET_SPEEDUP:g}x", speedup >= TARGET_SPEEDUP, speed_note),
         row("serve", "requests answered 200 (both servers)", (sent - errors) / sent, "1.0 (no errors)", errors == 0,
-            f"{sent - errors} of {sent}" + ("" if errors == 0 else f"; Unmet: {errors} answers were not 200")),
+            f"{sent - errors} of {sent}" + ("" if errors == 0 else f"; Unmet: {errors} answers were not 200 ({failures(totals)})")),
         row("serve", "answers whose captions equal RegionCaptioner.describe", (sent - errors - mismatches) / max(1, sent - errors), "1.0", mismatches == 0,
             f"{sent - errors - mismatches} of {sent - errors}" + ("" if mismatches == 0 else "; Unmet: batched generation changed some captions")),
         row("serve", "memory after the load / after the warm-up (batched server)", growth["batched"], "<= 1.10", growth["batched"] <= 1.10,
@@ -204,12 +207,21 @@ def rows_of(totals: dict, before: dict, after: dict, per_round: int, quick: bool
     return rows
 
 
+def failures(totals: dict) -> str:
+    """Which server gave which non-200 statuses, e.g. ``unbatched: 2x 504``."""
+    from collections import Counter
+
+    return "; ".join(f"{name}: " + ", ".join(f"{n}x {status}" for status, n in sorted(Counter(t["statuses"]).items()))
+                     for name, t in totals.items() if t["statuses"])
+
+
 def write_doc(rows: list[dict]) -> None:
     """The figures into ``docs/serving.md`` between the markers (the page keeps the rest)."""
     if not DOC.is_file() or BEGIN not in DOC.read_text():
         return
     m = machine()
-    lines = [BEGIN, "", f"Measured {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} by `python benchmarks/run.py --only serve` "
+    command = "python " + shlex.join(sys.argv) if sys.argv and sys.argv[0].endswith(".py") else "python benchmarks/run.py --only serve"
+    lines = [BEGIN, "", f"Measured {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} by `{command}` "
              f"on {m['nproc']} CPUs ({m['cpu']}), load average {', '.join(f'{x:.1f}' for x in m['load'] or ())} at the end:", "",
              "| figure | value | target | met | note |", "|---|---|---|---|---|"]
     lines += [f"| {r['figure']} | {r['value']:.3g} | {r['target']} | {'yes' if r['met'] else 'NO'} | {r['note']} |" for r in rows]
