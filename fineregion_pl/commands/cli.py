@@ -20,21 +20,25 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
     from fineregion_pl.commands.ablations import ablations
     from fineregion_pl.commands.convert_zero import convert_zero
     from fineregion_pl.commands.demo import demo
+    from fineregion_pl.commands.detect import detect
     from fineregion_pl.commands.evaluate import evaluate
     from fineregion_pl.commands.export import export
     from fineregion_pl.commands.quickstart import quickstart
     from fineregion_pl.commands.rate.prepare import prepare
     from fineregion_pl.commands.rate.report import report
-    from fineregion_pl.commands.rate.serve import serve
+    from fineregion_pl.commands.rate.serve import serve as rate_serve
+    from fineregion_pl.commands.serve import serve
 
     return {
         "quickstart": (quickstart, "the whole pipeline on the built-in synthetic benchmark, on the CPU"),
         "export": (export, "a stage-2 checkpoint as a LoRA adapter, a merged HF model and the vision weights"),
         "convert-zero": (convert_zero, "a DeepSpeed ZeRO checkpoint folder as one Lightning checkpoint file (for test, predict, export, init_from)"),
-        "demo": (demo, "a local web page: open an image, draw or type boxes, read each region's caption"),
+        "demo": (demo, "a local web page (Gradio): open an image, draw or type boxes, read each region's caption"),
+        "serve": (serve, "an HTTP inference server (LitServe): an image with boxes or detections in, a caption per region out, batched across clients"),
+        "detect": (detect, "boxes for every object of a folder of images from a torchvision detector, as a COCO results file for predict"),
         "evaluate": (evaluate, "score a predictions file (ours, GLaMM's, Osprey's, Groma's, GRiT's) against a published annotation file, by a named protocol"),
         "ablations": (ablations, "Table 1 (methods) and Table 2 (ablations) on the synthetic benchmark, over seeds"),
-        "rate": ({"prepare": prepare, "serve": serve, "report": report}, "human evaluation (Table 3): prepare a blinded study, serve its rating page, report means, CIs, agreement"),
+        "rate": ({"prepare": prepare, "serve": rate_serve, "report": report}, "human evaluation (Table 3): prepare a blinded study, serve its rating page, report means, CIs, agreement"),
     }
 
 

@@ -1,379 +1,221 @@
-"""A local web demo: open an image, draw or type boxes, read each region's caption.
+"""The web demo, a Gradio app: open an image, draw or type boxes, read each region's caption.
 
     pip install -e ".[demo]"
     fineregion-pl demo --ckpt_path runs/quickstart/stage2/checkpoints/last.ckpt
     # or: fineregion-pl demo --export_dir exports/quickstart      (then open http://127.0.0.1:7860)
 
-A small aiohttp server and one plain HTML+JS page (``demo_page.html``, no CDN, nothing fetched
-from the internet). All boxes of a request go through :class:`~fineregion_pl.api.RegionCaptioner`
-as one batch. Everything a user can get wrong (no model, an unreadable image, a malformed box, a
-box outside the image, too many boxes) comes back to the page as a one-line message; the server
-keeps running.
-
-The request handling lives in :class:`DemoService`, which needs neither aiohttp nor a browser, so
-its messages are unit-tested directly; :func:`make_app` is the thin HTTP layer over it.
+Boxes are drawn on the image with ``gradio_image_annotation``'s annotator, or typed one per line;
+all of them go through :meth:`~fineregion_pl.model.captioner.RegionCaptioner.describe` as one
+batch, and the answer is the picture with every box, caption, category and score, and a table.
+It works offline: Gradio's front end is served from the package (local fonts, no CDN),
+telemetry is off and there is no share link. What a user gets wrong comes back as one line in
+the page (:class:`DemoService` holds the checks, without Gradio, so they are unit-tested).
 """
 
-from __future__ import annotations
-
-import asyncio
-import base64
-import io
-import re
+import html
+import os
+import socket
 import sys
-import threading
+import tempfile
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from fineregion_pl.commands.inputs import NO_MODEL, check_count, first_line, load_captioner, parse_boxes, pick_device, read_image
 from fineregion_pl.data.drawing import PALETTE, draw_regions
 from fineregion_pl.model.boxes import check_box
 from fineregion_pl.model.errors import BadInputError
 
-PAGE = Path(__file__).with_name("demo_page.html")
 INSTALL_HINT = 'the demo needs its extra: pip install -e ".[demo]"'
-NO_MODEL = "no model is loaded: start the demo with --ckpt_path STAGE2.ckpt or --export_dir EXPORT_FOLDER"
-IMAGE_HINT = "use a PNG, JPEG, GIF, BMP, TIFF or WebP file"
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
-DISPLAY_SIDE = 1024  # previews and result pictures are at most this many pixels wide or high
+DISPLAY_SIDE = 1024  # result pictures are at most this many pixels wide or high
+DRAWING_SIDE = 384  # smaller images are shown this large (integer zoom) to draw on
 
 
-class DemoError(Exception):
-    """A problem with what the user sent, shown as one line in the page."""
+def colour(index: int) -> str:
+    """The colour :func:`~fineregion_pl.data.drawing.draw_regions` gives region ``index``, as ``#rrggbb``."""
+    return "#%02x%02x%02x" % PALETTE[index % len(PALETTE)]
 
 
-def load_captioner(ckpt_path: Optional[str] = None, export_dir: Optional[str] = None, device: str = "cpu") -> tuple[Any, Optional[str]]:
-    """``(captioner, None)``, or ``(None, message)`` when there is no model to load or it does not load."""
-    from fineregion_pl.api import RegionCaptioner
-
-    if ckpt_path and export_dir:
-        return None, "give either --ckpt_path or --export_dir, not both"
-    if not ckpt_path and not export_dir:
-        return None, NO_MODEL
-    try:
-        if ckpt_path:
-            if not Path(ckpt_path).is_file():
-                return None, f"checkpoint not found: {ckpt_path}"
-            return RegionCaptioner.from_checkpoint(ckpt_path, device=device), None
-        if not Path(export_dir).is_dir():
-            return None, f"export folder not found: {export_dir}"
-        return RegionCaptioner.from_export(export_dir, device=device), None
-    except Exception as err:  # any failure to load is a message in the page, not a dead server
-        source = ckpt_path or export_dir
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        return None, f"could not load the model from {source}: {type(err).__name__}: {first_line}"
-
-
-def read_image(data: Optional[bytes], max_pixels: int) -> Image.Image:
-    """An RGB image from uploaded bytes (EXIF orientation applied, as browsers show it), or a :class:`DemoError`."""
-    if not data:
-        raise DemoError("no image: open an image file or pick an example")
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            width, height = opened.size
-            if width * height > max_pixels:
-                raise DemoError(f"the image is too large: {width}x{height} pixels (at most {max_pixels:,} pixels)")
-            opened.load()
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-    except DemoError:
-        raise
-    except Image.DecompressionBombError:
-        raise DemoError("the image is too large to read safely") from None
-    except UnidentifiedImageError:
-        raise DemoError(f"the file is not an image this demo can read; {IMAGE_HINT}") from None
-    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError... on bad files
-        detail = (str(err).strip().splitlines() or [""])[0]
-        raise DemoError(f"the image could not be read ({type(err).__name__}: {detail}); {IMAGE_HINT}") from None
-    if image.width < 1 or image.height < 1:
-        raise DemoError("the image is empty")
-    return image
-
-
-_SEPARATORS = re.compile(r"[\s,;]+")
-
-
-def parse_boxes(text: str, width: int, height: int, max_regions: int) -> list[list[float]]:
-    """Boxes from text, one ``x0,y0,x1,y1`` per line (pixels of a ``width`` x ``height`` image).
-
-    Commas, spaces or semicolons separate the numbers; brackets and empty lines are ignored, and so
-    are lines starting with ``#``. Each box must be four finite numbers with ``x0 < x1``,
-    ``y0 < y1``, inside the image. Raises :class:`DemoError` naming the box and its line.
-    """
-    boxes: list[list[float]] = []
-    for number, raw in enumerate((text or "").splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        where = f"box {len(boxes) + 1} (line {number})"
-        parts = [p for p in _SEPARATORS.split(line.strip("[]() \t")) if p]
-        try:
-            box = check_box(parts, where)
-        except BadInputError as err:
-            raise DemoError(str(err).replace(f"{parts!r}", repr(line))) from None
-        x0, y0, x1, y1 = box
-        for name, value, low, high in (("x0", x0, 0, width), ("y0", y0, 0, height), ("x1", x1, 0, width), ("y1", y1, 0, height)):
-            if not low <= value <= high:
-                side = "width" if name[0] == "x" else "height"
-                raise DemoError(f"{where} {_format_box(box)} is outside the {width}x{height} image: {name} = {value:g} is not within 0..{high} (the image {side})")
-        boxes.append(box)
-    if not boxes:
-        raise DemoError("no boxes: type x0,y0,x1,y1 (image pixels) one per line, or drag on the image to draw one")
-    if len(boxes) > max_regions:
-        raise DemoError(f"{len(boxes)} boxes is more than this demo takes at once ({max_regions}; see --max_regions)")
-    return boxes
-
-
-def _format_box(box: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{v:g}" for v in box) + "]"
-
-
-def _data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+def drawing_copy(image: Image.Image) -> tuple[Image.Image, int]:
+    """The image to draw boxes on and its integer zoom: the annotator never enlarges an image, so a small one is."""
+    zoom = max(1, DRAWING_SIDE // max(image.size))
+    if zoom == 1:
+        return image, 1
+    return image.resize((image.width * zoom, image.height * zoom), Image.NEAREST), zoom
 
 
 def _fit(image: Image.Image, side: int) -> tuple[Image.Image, float]:
-    """``image`` shrunk to at most ``side`` pixels on its longer side, and the factor used."""
     factor = min(1.0, side / max(image.size))
     if factor == 1.0:
         return image, 1.0
     return image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BILINEAR), factor
 
 
-def _colour(index: int) -> str:
-    return "#%02x%02x%02x" % PALETTE[index % len(PALETTE)]
-
-
 class DemoService:
-    """What the demo's HTTP endpoints do, as plain methods returning JSON-ready dicts.
-
-    Every method answers ``{"ok": True, ...}`` or ``{"ok": False, "error": "one line"}``; none raises.
+    """What the demo does with what a user gives, without Gradio: every problem is a one-line
+    :class:`~fineregion_pl.model.errors.BadInputError`.
 
     Args:
         captioner: a :class:`~fineregion_pl.api.RegionCaptioner` (anything with its ``describe``), or None.
-        model_error: why there is no captioner (shown in the page).
-        model_name: what the page says is loaded.
-        examples: ``(name, image, record)`` triples the page offers as built-in examples.
+        model_error: why there is no captioner.
         max_regions: most boxes in one request.
         max_pixels: largest image accepted.
     """
 
-    def __init__(
-        self,
-        captioner: Any = None,
-        model_error: Optional[str] = None,
-        model_name: str = "",
-        examples: Sequence[tuple[str, Image.Image, dict]] = (),
-        max_regions: int = 32,
-        max_pixels: int = 40_000_000,
-    ):
+    def __init__(self, captioner: Any = None, model_error: Optional[str] = None, max_regions: int = 32, max_pixels: int = 40_000_000):
         self.captioner = captioner
-        self.model_error = model_error if captioner is None else None
-        if captioner is None and not self.model_error:
-            self.model_error = NO_MODEL
-        self.model_name = model_name
-        self.examples = list(examples)
-        self.max_regions = max_regions
-        self.max_pixels = max_pixels
-        self._lock = threading.Lock()  # one model call at a time; the event loop stays free meanwhile
+        self.model_error = None if captioner is not None else (model_error or NO_MODEL)
+        self.max_regions, self.max_pixels = max_regions, max_pixels
 
-    def status(self) -> dict:
-        """The model's name or why it is missing, the examples and the limits."""
-        examples = [
-            {"index": i, "name": name, "width": image.width, "height": image.height, "url": f"examples/{i}.png",
-             "boxes": [list(r["box"]) for r in record.get("regions", [])]}
-            for i, (name, image, record) in enumerate(self.examples)
-        ]
-        return {"ok": self.captioner is not None, "model": self.model_name if self.captioner is not None else None,
-                "error": self.model_error, "examples": examples, "max_regions": self.max_regions,
-                "palette": [_colour(i) for i in range(len(PALETTE))]}
-
-    def example_png(self, index: int) -> Optional[bytes]:
-        """Example ``index`` as PNG bytes (None when there is no such example)."""
-        if not 0 <= index < len(self.examples):
-            return None
-        buffer = io.BytesIO()
-        self.examples[index][1].save(buffer, format="PNG")
-        return buffer.getvalue()
-
-    def _image(self, data: Optional[bytes], example: Optional[str]) -> Image.Image:
-        if example not in (None, ""):
-            try:
-                index = int(example)
-            except ValueError:
-                raise DemoError(f"no example {example!r}") from None
-            if not 0 <= index < len(self.examples):
-                raise DemoError(f"no example {example!r} (there are {len(self.examples)})")
-            return self.examples[index][1].convert("RGB")
+    def open_image(self, data: Optional[bytes]) -> Image.Image:
+        """An uploaded file as the RGB image the model will see."""
         return read_image(data, self.max_pixels)
 
-    def image_info(self, data: Optional[bytes]) -> dict:
-        """Size and a display preview of an uploaded image, exactly as the model will see it."""
-        return self._answer(self._image_info, data)
+    def boxes(self, image: Image.Image, drawn: Sequence[dict], typed: str, zoom: float = 1) -> list[list[float]]:
+        """The drawn boxes (annotator dicts ``xmin, ymin, xmax, ymax`` in pixels of the image shown
+        ``zoom`` times larger), then the typed ones, checked, in pixels of ``image``."""
+        boxes = []
+        # the annotator lists the newest box first: number them in the order they were drawn
+        for number, box in enumerate(reversed(list(drawn or [])), 1):
+            where = f"box {number} (drawn)"
+            values = check_box([box.get(k) for k in ("xmin", "ymin", "xmax", "ymax")], where)
+            values = [min(max(v / zoom, 0.0), float(side)) for v, side in zip(values, (image.width, image.height) * 2)]
+            boxes.append(check_box(values, where))
+        boxes += parse_boxes(typed, image.width, image.height, first=len(boxes) + 1)
+        if not boxes:
+            raise BadInputError("no boxes: draw boxes on the image, or type x0,y0,x1,y1 (image pixels) one per line")
+        check_count(len(boxes), self.max_regions)
+        return boxes
 
-    def _image_info(self, data: Optional[bytes]) -> dict:
-        image = read_image(data, self.max_pixels)
-        preview, _ = _fit(image, DISPLAY_SIDE)
-        return {"ok": True, "width": image.width, "height": image.height, "preview": _data_url(preview)}
-
-    def describe(self, image_data: Optional[bytes] = None, boxes_text: str = "", example: Optional[str] = None) -> dict:
-        """Captions for every box of ``boxes_text`` on the uploaded image (or example), as one batch.
-
-        Returns ``regions`` (index, colour, box, caption, category, score), ``picture`` (a PNG data
-        URL from :func:`~fineregion_pl.data.drawing.draw_regions`), ``width``, ``height`` and ``seconds``.
-        """
-        return self._answer(self._describe, image_data, boxes_text, example)
-
-    def _describe(self, image_data: Optional[bytes], boxes_text: str, example: Optional[str]) -> dict:
+    def describe(self, image: Optional[Image.Image], drawn: Sequence[dict] = (), typed: str = "", zoom: float = 1) -> dict:
+        """Every box through the model as one batch: ``regions`` (index, colour, box, caption,
+        category, score), ``picture`` (the regions drawn on the image) and ``seconds``."""
         if self.captioner is None:
-            raise DemoError(self.model_error or NO_MODEL)
-        image = self._image(image_data, example)
-        boxes = parse_boxes(boxes_text, image.width, image.height, self.max_regions)
+            raise BadInputError(self.model_error)
+        if image is None:
+            raise BadInputError("no image: open an image file or pick an example")
+        image = image.convert("RGB")
+        boxes = self.boxes(image, drawn, typed, zoom)
         start = time.perf_counter()
-        with self._lock:
-            try:
-                rows = self.captioner.describe(image, boxes)
-            except BadInputError as err:
-                raise DemoError(str(err)) from None
+        rows = {row["region_id"]: row for row in self.captioner.describe(image, boxes)}
         seconds = time.perf_counter() - start
-        by_id = {row["region_id"]: row for row in rows}
-        regions = []
-        for index, box in enumerate(boxes):
-            row = by_id.get(index, {})
-            regions.append({
-                "index": index,
-                "colour": _colour(index),
-                "box": [round(float(v), 2) for v in row.get("box", box)],
-                "caption": row.get("caption", ""),
-                "category": row.get("category"),
-                "category_id": row.get("category_id"),
-                "score": row.get("score"),
-            })
+        regions = [{"index": i, "colour": colour(i), "box": [round(float(v), 2) for v in rows.get(i, {}).get("box", box)],
+                    "caption": rows.get(i, {}).get("caption", ""), "category": rows.get(i, {}).get("category"),
+                    "score": rows.get(i, {}).get("score")} for i, box in enumerate(boxes)]
         shown, factor = _fit(image, DISPLAY_SIDE)
-        drawn = draw_regions(shown, [dict(r, box=[v * factor for v in r["box"]]) for r in regions])
-        return {"ok": True, "regions": regions, "picture": _data_url(drawn), "width": image.width, "height": image.height,
-                "seconds": round(seconds, 3)}
-
-    @staticmethod
-    def _answer(function, *args) -> dict:
-        try:
-            return function(*args)
-        except DemoError as err:
-            return {"ok": False, "error": str(err)}
-        except Exception as err:  # a bug or a model failure: logged in full, one line in the page
-            traceback.print_exc(file=sys.stderr)
-            first_line = (str(err).strip().splitlines() or [""])[0]
-            return {"ok": False, "error": f"internal error ({type(err).__name__}: {first_line}); the server log has the details"}
+        picture = draw_regions(shown, [dict(r, box=[v * factor for v in r["box"]]) for r in regions])
+        return {"regions": regions, "picture": picture, "seconds": seconds}
 
 
-def synthetic_examples(count: int) -> list[tuple[str, Image.Image, dict]]:
-    """The first ``count`` test images of the built-in synthetic benchmark (seed 0)."""
+def results_table(regions: Sequence[dict]) -> str:
+    """The regions as an HTML table, each row with its box's colour."""
+    rows = []
+    for r in regions:
+        score = "" if r["score"] is None else f"{r['score']:.2f}"
+        rows.append(
+            f'<tr class="region"><td><span class="swatch" style="background:{r["colour"]}"></span>{r["index"] + 1}</td>'
+            f'<td class="box">{html.escape(", ".join(f"{v:g}" for v in r["box"]))}</td><td class="caption">{html.escape(r["caption"])}</td>'
+            f'<td class="category">{html.escape(str(r["category"] or ""))}</td><td class="score">{score}</td></tr>'
+        )
+    return ('<table id="results-table"><thead><tr><th>#</th><th>box</th><th>caption</th><th>category</th><th>score</th></tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def message(text: str, error: bool = False) -> str:
+    """The page's one-line message."""
+    return f'<p class="{"error" if error else "ok"}">{html.escape(text)}</p>'
+
+
+CSS = """
+#message p.error { color: #b00020; font-weight: 600; }
+#results-table .swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.4em; border-radius: 2px; }
+#results-table td, #results-table th { padding: 0.2em 0.6em; text-align: left; }
+"""
+
+
+def example_files(count: int, folder: Path) -> list[str]:
+    """The first ``count`` test images of the synthetic benchmark (seed 0), written as PNGs in ``folder``."""
     from fineregion_pl.data.synthetic import make_scene
 
-    examples = []
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
     for index in range(count):
-        image, record = make_scene(0, "test", index)
-        examples.append((f"synthetic test {index}", image, record))
-    return examples
+        path = folder / f"synthetic-test-{index}.png"
+        make_scene(0, "test", index)[0].save(path)
+        paths.append(str(path))
+    return paths
 
 
-def make_app(service: DemoService, max_upload_bytes: int = MAX_UPLOAD_BYTES):
-    """The aiohttp application serving the page, the examples and the JSON endpoints of ``service``."""
-    try:
-        from aiohttp import web
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise SystemExit(INSTALL_HINT) from None
+def build_app(service: DemoService, model_name: str, examples: Sequence[str] = ()):
+    """The Gradio Blocks app over ``service``; ``examples`` are image files offered as a gallery."""
+    import gradio as gr
+    from gradio_image_annotation import image_annotator
 
-    async def in_thread(function, *args):
-        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+    def show(image: Image.Image, text: str):
+        drawn, zoom = drawing_copy(image)
+        return {"image": drawn, "boxes": []}, (image, zoom), message(text)
 
-    async def read_form(request) -> dict:
-        """The multipart/urlencoded fields of a request: str values, bytes for files."""
-        fields: dict[str, Any] = {}
-        try:
-            form = await request.post()
-        except web.HTTPRequestEntityTooLarge:
-            raise DemoError(f"the upload is too large (at most {max_upload_bytes / 2**20:g} MB)") from None
-        except Exception as err:
-            raise DemoError(f"the request could not be read ({type(err).__name__})") from None
-        for key, value in form.items():
-            fields[key] = value.file.read() if hasattr(value, "file") else value
-        return fields
-
-    def reply(answer: dict):
-        return web.json_response(answer)
-
-    async def page(request):
-        try:
-            return web.Response(text=PAGE.read_text(encoding="utf-8"), content_type="text/html")
-        except OSError:
-            return web.Response(status=500, text=f"demo page missing: {PAGE} (reinstall fineregion-pl)")
-
-    async def status(request):
-        return reply(service.status())
-
-    async def example(request):
-        try:
-            data = service.example_png(int(request.match_info["index"]))
-        except ValueError:
-            data = None
+    def upload(data: Optional[bytes]):
+        # the file box is emptied each time, ready for the next file; the image lives in the annotator
         if data is None:
-            return web.Response(status=404, text="no such example")
-        return web.Response(body=data, content_type="image/png")
-
-    async def image(request):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
-            fields = await read_form(request)
-        except DemoError as err:
-            return reply({"ok": False, "error": str(err)})
-        data = fields.get("image")
-        return reply(await in_thread(service.image_info, data if isinstance(data, bytes) else None))
+            image = service.open_image(data)
+        except BadInputError as err:
+            return None, gr.skip(), gr.skip(), message(str(err), error=True)
+        return None, *show(image, f"{image.width} × {image.height} pixels: draw boxes on it, or type them")
 
-    async def describe(request):
+    def pick(event: gr.SelectData):  # a real annotation (no __future__ import here): Gradio reads it to pass the event
+        image = Image.open(examples[event.index]).convert("RGB")
+        return show(image, f"example {event.index + 1}, {image.width} × {image.height} pixels: draw boxes on it, or type them")
+
+    def describe(annotated: Optional[dict], opened: Optional[tuple], typed: str):
         try:
-            fields = await read_form(request)
-        except DemoError as err:
-            return reply({"ok": False, "error": str(err)})
-        data = fields.get("image")
-        boxes = fields.get("boxes", "")
-        example_index = fields.get("example")
-        return reply(await in_thread(
-            service.describe,
-            data if isinstance(data, bytes) else None,
-            boxes if isinstance(boxes, str) else boxes.decode("utf-8", "replace"),
-            example_index if isinstance(example_index, str) else None,
-        ))
+            image, zoom = opened if annotated and opened else (None, 1)
+            answer = service.describe(image, (annotated or {}).get("boxes") or [], typed, zoom)
+        except BadInputError as err:
+            return gr.skip(), gr.skip(), message(str(err), error=True)
+        except Exception as err:  # a bug or a model failure: logged in full, one line in the page
+            traceback.print_exc(file=sys.stderr)
+            return gr.skip(), gr.skip(), message(f"internal error ({type(err).__name__}: {first_line(err)}); the server log has the details", error=True)
+        count = len(answer["regions"])
+        text = f"{count} region{'s' if count != 1 else ''} described in {answer['seconds']:.2f} s (one batch)"
+        return answer["picture"], results_table(answer["regions"]), message(text)
 
-    app = web.Application(client_max_size=max_upload_bytes)
-    app.add_routes([
-        web.get("/", page),
-        web.get("/api/status", status),
-        web.get("/examples/{index}.png", example),
-        web.post("/api/image", image),
-        web.post("/api/describe", describe),
-    ])
+    with gr.Blocks(title="fineregion-pl demo", analytics_enabled=False) as app:
+        gr.Markdown("## fineregion-pl: captions for the regions of an image")
+        status = f"Model: {model_name}" if service.captioner is not None else f"No model: {service.model_error}"
+        gr.HTML(message(status, error=service.captioner is None), elem_id="model")
+        opened = gr.State(None)  # (the image as opened, the zoom of the copy drawn on)
+        with gr.Row():
+            with gr.Column():
+                file = gr.File(label="Open an image (PNG, JPEG, GIF, BMP, TIFF, WebP)", type="binary", height=120, elem_id="file")
+                gallery = gr.Gallery(value=list(examples), label="Or pick an example (synthetic test images)", columns=max(1, len(examples)),
+                                     height=140, allow_preview=False, elem_id="examples", visible=bool(examples))
+                annotator = image_annotator(label="Draw boxes on the image", sources=[], image_type="pil", disable_edit_boxes=True,
+                                            show_download_button=False, show_share_button=False, box_min_size=4, elem_id="annotator")
+                typed = gr.Textbox(label="Or type boxes: x0,y0,x1,y1 in image pixels, one per line", lines=3, elem_id="boxes")
+                button = gr.Button("Describe", variant="primary", elem_id="describe")
+            with gr.Column():
+                note = gr.HTML(message("open an image or pick an example, then draw boxes"), elem_id="message")
+                picture = gr.Image(label="Regions", type="pil", interactive=False, buttons=["download", "fullscreen"], elem_id="picture")  # no "share": nothing leaves the machine
+                table = gr.HTML(results_table([]), elem_id="results")
+        file.upload(upload, inputs=[file], outputs=[file, annotator, opened, note])
+        gallery.select(pick, outputs=[annotator, opened, note])
+        button.click(describe, inputs=[annotator, opened, typed], outputs=[picture, table, note])
     return app
 
 
-async def _serve(app, host: str, port: int) -> None:
-    from aiohttp import web
-
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = runner.addresses[0]
-        shown = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
-        print(f"fineregion-pl demo: serving on http://{shown}:{bound[1]}/  (Ctrl+C to stop)", flush=True)
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
+def free_port(host: str) -> int:
+    """A port the OS says is free on ``host``."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def demo(
@@ -386,42 +228,52 @@ def demo(
     examples: int = 4,
     max_regions: int = 32,
     max_pixels: int = 40_000_000,
+    share: bool = False,
 ) -> None:
-    """Serve a web page that captions the boxes you draw or type on an image.
+    """A web page that captions the boxes you draw or type on an image (Gradio).
 
     Args:
         ckpt_path: a stage-2 checkpoint (its base LM must be reachable at the saved path).
         export_dir: a ``fineregion-pl export`` folder (instead of ``ckpt_path``).
-        host: address to listen on (``0.0.0.0`` to let other machines in: there is no authentication).
+        host: address to listen on (``0.0.0.0`` lets other machines in: there is no authentication).
         port: port to listen on (0: any free port; the address is printed).
         device: ``auto`` (a GPU when there is one, else the CPU), ``cpu``, ``cuda``, ``cuda:1``...
         examples: how many synthetic test images to offer as examples.
         max_regions: most boxes in one request.
         max_pixels: largest image accepted, in pixels.
+        share: ask Gradio for a public share link (off: nothing leaves this machine).
     """
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
     try:
-        import aiohttp  # noqa: F401
+        import gradio  # noqa: F401
+        import gradio_image_annotation  # noqa: F401
     except ImportError:
         raise SystemExit(INSTALL_HINT) from None
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(device)
     source = ckpt_path or export_dir
     if source:
         print(f"fineregion-pl demo: loading {source} on {device} ...", flush=True)
     captioner, error = load_captioner(ckpt_path, export_dir, device)
     if error:
         print(f"fineregion-pl demo: {error} (the page will say so)", file=sys.stderr, flush=True)
-    service = DemoService(captioner, error, model_name=str(source or ""), examples=synthetic_examples(examples),
-                          max_regions=max_regions, max_pixels=max_pixels)
+    service = DemoService(captioner, error, max_regions=max_regions, max_pixels=max_pixels)
+    folder = Path(tempfile.mkdtemp(prefix="fineregion-demo-"))
+    app = build_app(service, str(source or ""), example_files(examples, folder))
+    app.queue(default_concurrency_limit=1)  # one model call at a time; each is one batch
+    port = port or free_port(host)
+    app.launch(server_name=host, server_port=port, share=share, inbrowser=False, prevent_thread_lock=True, quiet=True,
+               max_file_size=MAX_UPLOAD_BYTES, allowed_paths=[str(folder)], ssr_mode=False, footer_links=[], css=CSS)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"fineregion-pl demo: serving on http://{shown}:{port}/  (Ctrl+C to stop)", flush=True)
     try:
-        asyncio.run(_serve(make_app(service), host, port))
+        app.block_thread()
     except KeyboardInterrupt:
-        print("fineregion-pl demo: stopped", flush=True)
+        pass
+    finally:
+        app.close()
 
 
-if __name__ == "__main__":  # python -m fineregion_pl.commands.demo --ckpt_path ...
+if __name__ == "__main__":
     from jsonargparse import auto_cli
 
     auto_cli(demo)

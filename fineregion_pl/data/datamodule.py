@@ -31,7 +31,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fineregion_pl.data.annotations import file_sha256
-from fineregion_pl.data.image_folder import BadInputError, ImageBoxesDataset
+from fineregion_pl.data.image_folder import BadInputError, ImageBoxesDataset, collate_user_regions
 from fineregion_pl.data.protocol_data import ProtocolRun, ProtocolStream, collate_protocol, open_protocol_run
 from fineregion_pl.data.protocols import ProtocolName
 from fineregion_pl.data.shards import read_manifest, split_shards
@@ -229,7 +229,10 @@ class RegionDataModule(L.LightningDataModule):
         resampled: draw training shards with replacement (for many ranks and nodes).
         train_split, val_split, test_split, predict_split: split folder names.
         predict_images: a folder of images to predict on (with ``predict_boxes``) instead of a split.
-        predict_boxes: JSON/JSONL boxes per image of ``predict_images`` (see ``data/image_folder.py``).
+        predict_boxes: JSON/JSONL boxes per image of ``predict_images``, or a detector's COCO results
+            file (see ``data/image_folder.py``).
+        predict_score_threshold: COCO results: detections scoring below it are not described.
+        predict_top_k: COCO results: at most this many detections per image (the best scores).
         protocol: ``test`` on a published evaluation protocol instead of the shards' test split
             (``refcocog-regcap``, ``vg-regcap``, ``vg-densecap``, ``refcocog-rec``, ``gt-ranking``;
             see ``fineregion_pl/data/protocols.py`` and ``docs/evaluation.md``).
@@ -260,6 +263,8 @@ class RegionDataModule(L.LightningDataModule):
         predict_split: str = "test",
         predict_images: Optional[str] = None,
         predict_boxes: Optional[str] = None,
+        predict_score_threshold: float = 0.0,
+        predict_top_k: Optional[int] = None,
         protocol: Optional[ProtocolName] = None,
         annotations: Optional[str] = None,
         images: Optional[str] = None,
@@ -382,9 +387,10 @@ class RegionDataModule(L.LightningDataModule):
         if self.hparams.predict_boxes or self.hparams.predict_images:
             if not (self.hparams.predict_boxes and self.hparams.predict_images):
                 raise BadInputError("give both data.predict_images (a folder) and data.predict_boxes (a JSON/JSONL file)")
-            dataset = ImageBoxesDataset(self.hparams.predict_images, self.hparams.predict_boxes, self.hparams.image_size)
+            dataset = ImageBoxesDataset(self.hparams.predict_images, self.hparams.predict_boxes, self.hparams.image_size,
+                                        score_threshold=self.hparams.predict_score_threshold, top_k=self.hparams.predict_top_k)
             batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
-            return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_regions, num_workers=self.hparams.num_workers)
+            return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_user_regions, num_workers=self.hparams.num_workers)
         return self._loader(self.hparams.predict_split, train=False)
 
 

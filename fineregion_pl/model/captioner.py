@@ -173,7 +173,9 @@ class RegionCaptioner(nn.Module):
         """Vision forward and region prompts for every valid region of a collated batch.
 
         Args:
-            batch: :func:`~fineregion_pl.model.transforms.collate_regions` output.
+            batch: :func:`~fineregion_pl.model.transforms.collate_regions` output; its regions'
+                ``segmentations`` are pooled when ``batch["pool_segmentations"]`` is true (default:
+                the config's ``use_segmentation``).
             ignore_regions: the no-region control: features and prompts (pair tokens too) see the
                 whole image for every region; reported boxes stay the real ones
                 (:meth:`reported_boxes`).
@@ -183,7 +185,9 @@ class RegionCaptioner(nn.Module):
         if ignore_regions:
             boxes, region_valid = self.reported_boxes(batch)
             boxes, masking = whole_image_boxes(boxes, tuple(batch["images"].shape[-2:])), "none"
-        segmentations = batch.get("segmentations") if self.config.use_segmentation and not ignore_regions else None
+        # a user's masks at inference (describe_many, predict's boxes files) are pooled whatever the training config said
+        pool_masks = batch.get("pool_segmentations", self.config.use_segmentation)
+        segmentations = batch.get("segmentations") if pool_masks and not ignore_regions else None
         out = self.vision(batch["images"], boxes, region_valid, masking, self.config.dynamic, segmentations=segmentations)
         index = out.region_valid.nonzero()
         b, n = index[:, 0], index[:, 1]
@@ -298,31 +302,48 @@ class RegionCaptioner(nn.Module):
         return rows
 
     @torch.no_grad()
-    def describe_many(self, images: Sequence[Any], boxes: Sequence[Sequence[Sequence[float]]], ids: Optional[Sequence[Sequence[Any]]] = None) -> list[list[dict]]:
+    def describe_many(
+        self,
+        images: Sequence[Any],
+        boxes: Sequence[Sequence[Sequence[float]]],
+        ids: Optional[Sequence[Sequence[Any]]] = None,
+        masks: Optional[Sequence[Sequence[Any]]] = None,
+    ) -> list[list[dict]]:
         """Captions for the boxes of several PIL images, all regions in one batch.
 
         Args:
             images: PIL images.
             boxes: per image, its boxes ``[x0, y0, x1, y1]`` in that image's pixels.
             ids: per image, its region ids (default 0, 1, ...).
+            masks: per image, per region a COCO segmentation (RLE of the image's size, or polygons
+                in its pixels) or None; a region with a mask is pooled over the mask, not its box.
 
         Returns:
             Per image, one dict per region: ``region_id``, ``box``, ``caption``, ``category``,
             ``category_id``, ``score``.
         """
+        from fineregion_pl.model.detections import check_segmentation
         from fineregion_pl.model.transforms import collate_regions, to_region_sample
 
         if len(images) != len(boxes):
             raise BadInputError(f"got {len(images)} images but {len(boxes)} box lists")
+        if masks is not None and len(masks) != len(images):
+            raise BadInputError(f"got {len(images)} images but {len(masks)} mask lists")
         was_training = self.training
         self.eval()
         samples = []
         for index, (image, image_boxes) in enumerate(zip(images, boxes)):
             region_ids = list(ids[index]) if ids is not None else list(range(len(image_boxes)))
+            image_masks = list(masks[index]) if masks is not None else [None] * len(image_boxes)
+            if len(image_masks) != len(image_boxes):
+                raise BadInputError(f"image {index} has {len(image_boxes)} boxes but {len(image_masks)} masks")
             checked = [check_box(b, f"image {index} region {rid}") for b, rid in zip(image_boxes, region_ids)]
-            record = {"image_id": index, "width": image.width, "height": image.height, "regions": [{"id": rid, "box": b} for rid, b in zip(region_ids, checked)]}
+            regions = [{"id": rid, "box": b, "segmentation": check_segmentation(m, image.width, image.height, f"image {index} region {rid}")}
+                       for rid, b, m in zip(region_ids, checked, image_masks)]
+            record = {"image_id": index, "width": image.width, "height": image.height, "regions": regions}
             samples.append(to_region_sample(image.convert("RGB"), record, self.image_size, max_regions=len(checked) or 1, train=False))
         batch = collate_regions(samples)
+        batch["pool_segmentations"] = masks is not None
         device = self.device
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         try:
@@ -334,9 +355,31 @@ class RegionCaptioner(nn.Module):
             out[row.pop("image_id")].append(row)
         return out
 
-    def describe(self, image: Any, boxes: Sequence[Sequence[float]], ids: Optional[Sequence[Any]] = None) -> list[dict]:
+    def describe(self, image: Any, boxes: Sequence[Sequence[float]], ids: Optional[Sequence[Any]] = None, masks: Optional[Sequence[Any]] = None) -> list[dict]:
         """Captions for the boxes of one PIL image (see :meth:`describe_many`)."""
-        return self.describe_many([image], [boxes], None if ids is None else [ids])[0]
+        return self.describe_many([image], [boxes], None if ids is None else [ids], None if masks is None else [masks])[0]
+
+    def describe_detections(self, image: Any, detections: Sequence[dict], score_threshold: float = 0.0, top_k: Optional[int] = None) -> list[dict]:
+        """Captions for a detector's output on one PIL image, in the COCO results format.
+
+        ``detections`` are ``{"bbox": [x, y, w, h], "score", "category_id"}`` objects (a
+        ``segmentation`` each, optional: the region is then pooled over the mask); those scoring
+        at least ``score_threshold`` are described, at most ``top_k``, best first. Each row is a
+        :meth:`describe` row (``region_id`` = the detection's index in ``detections``) with the
+        detector's ``detector_score`` and ``detector_category_id``.
+        """
+        from fineregion_pl.model.detections import regions_from_detections
+
+        regions = regions_from_detections(detections, "detections", image.width, image.height, score_threshold, top_k)
+        if not regions:
+            return []
+        masks = [r["segmentation"] for r in regions]
+        rows = self.describe(image, [r["box"] for r in regions], [r["id"] for r in regions], masks if any(m is not None for m in masks) else None)
+        by_id = {r["id"]: r for r in regions}  # a box wholly outside the image gives no row
+        for row in rows:
+            region = by_id[row["region_id"]]
+            row["detector_score"], row["detector_category_id"] = region["detector_score"], region["detector_category_id"]
+        return rows
 
     # ------------------------------------------------------------------ weights
     def frozen_language_keys(self) -> set[str]:

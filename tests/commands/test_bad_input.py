@@ -67,7 +67,7 @@ def test_boxes_outside_the_image_are_errors_and_near_edges_are_clamped(folder):
     with pytest.raises(BadInputError, match=r"image 'ok.jpg' region 1 box \[-30.0, 0.0, 10.0, 10.0\] is outside the 64x48 image"):
         ImageBoxesDataset(folder, boxes_file(folder, {"ok.jpg": [[0, 0, 10, 10], [-30, 0, 10, 10]]}), image_size=64)
     dataset = ImageBoxesDataset(folder, boxes_file(folder, {"ok.jpg": [[-1, -1, 65, 49]]}), image_size=64)
-    assert dataset.records[0]["boxes"] == [[0.0, 0.0, 64.0, 48.0]]
+    assert [r["box"] for r in dataset.records[0]["regions"]] == [[0.0, 0.0, 64.0, 48.0]]
 
 
 def test_missing_unreadable_and_oversized_images_are_counted_skips(folder):
