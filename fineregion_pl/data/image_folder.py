@@ -21,7 +21,6 @@ skipped with one warning line naming it, and counted.
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
