@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fineregion_pl.data.image_folder import BadInputError, ImageBoxesDataset
 from fineregion_pl.data.shards import read_manifest, split_shards
 from fineregion_pl.lightning_private import batches_read_this_epoch
-from fineregion_pl.model.transforms import collate_regions, to_region_sample
+from fineregion_pl.model.schemas import check_options
+from fineregion_pl.model.transforms import collate_present, collate_regions, to_region_sample
 
 # Lightning warns about any IterableDataset with a length and several workers; this stream splits
 # its shards by worker and gives each worker its share of len(), so the length is exact.
@@ -54,6 +55,22 @@ def skip_bad_sample(error: Exception) -> bool:
     return True
 
 
+def _checked_sample(sample: dict) -> dict:
+    """A raw tar sample whose JSON record passed :class:`~fineregion_pl.data.schemas.ShardRecord`
+    (a wrong-typed box or category is a skip naming the sample and field, not a crash downstream)."""
+    import json
+
+    from fineregion_pl.data.schemas import check_record
+
+    where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')}"
+    try:
+        record = json.loads(sample["json"])
+    except (KeyError, ValueError, UnicodeDecodeError) as err:
+        raise BadInputError(f"{where}: no readable JSON record ({err})") from None
+    check_record(record, where)
+    return sample
+
+
 def _samples(shards: list[str], stream: RegionBatchStream, rng: random.Random, category_map: Optional[list[int]] = None) -> Iterator:
     """Decoded region samples of ``shards`` in order (with a shuffle buffer when training).
 
@@ -65,6 +82,7 @@ def _samples(shards: list[str], stream: RegionBatchStream, rng: random.Random, c
     if stream.train:
         stages.append(wds.shuffle(stream.shuffle_buffer, initial=min(100, stream.shuffle_buffer), rng=rng))
     stages += [
+        wds.map(_checked_sample, handler=skip_bad_sample),
         wds.decode("pil", handler=skip_bad_sample),
         wds.to_tuple("jpg;png;jpeg", "json", handler=skip_bad_sample),
         wds.map(lambda s: to_region_sample(s[0], s[1], stream.image_size, stream.max_regions, stream.train, rng, category_map)),
@@ -227,6 +245,8 @@ class RegionDataModule(L.LightningDataModule):
         train_split, val_split, test_split, predict_split: split folder names.
         predict_images: a folder of images to predict on (with ``predict_boxes``) instead of a split.
         predict_boxes: JSON/JSONL boxes per image of ``predict_images`` (see ``data/image_folder.py``).
+        predict_max_regions: most boxes one image of ``predict_boxes`` may have (default 1000); an
+            image with more is an error naming it, never a silent cut.
     """
 
     def __init__(
@@ -247,8 +267,11 @@ class RegionDataModule(L.LightningDataModule):
         predict_split: str = "test",
         predict_images: Optional[str] = None,
         predict_boxes: Optional[str] = None,
+        predict_max_regions: int = 1000,
     ):
         super().__init__()
+        check_options("data", batch_size=(batch_size, ">=1"), eval_batch_size=(eval_batch_size, ">=1"), num_workers=(num_workers, ">=0"),
+                      max_regions=(max_regions, ">=1"), predict_max_regions=(predict_max_regions, ">=1"), shuffle_buffer=(shuffle_buffer, ">=1"), image_size=(image_size, ">=1"))
         self.save_hyperparameters()
         self.data_dirs = [str(d) for d in data_dirs]
         if weights is not None and len(weights) != len(self.data_dirs):
@@ -333,9 +356,9 @@ class RegionDataModule(L.LightningDataModule):
         if self.hparams.predict_boxes or self.hparams.predict_images:
             if not (self.hparams.predict_boxes and self.hparams.predict_images):
                 raise BadInputError("give both data.predict_images (a folder) and data.predict_boxes (a JSON/JSONL file)")
-            dataset = ImageBoxesDataset(self.hparams.predict_images, self.hparams.predict_boxes, self.hparams.image_size)
+            dataset = ImageBoxesDataset(self.hparams.predict_images, self.hparams.predict_boxes, self.hparams.image_size, self.hparams.predict_max_regions)
             batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
-            return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_regions, num_workers=self.hparams.num_workers)
+            return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_present, num_workers=self.hparams.num_workers)
         return self._loader(self.hparams.predict_split, train=False)
 
 

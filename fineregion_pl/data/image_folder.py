@@ -9,7 +9,9 @@ The boxes file is JSON or JSONL, in pixels of the original images, ``xyxy``:
 A malformed box (not four finite numbers, ``x1 <= x0`` or ``y1 <= y0``, or outside its image)
 stops the run before the model runs, with one line naming the file, the image and the region.
 An image that is missing, unreadable or larger than ``max_pixels`` is skipped with one warning
-line naming it, and counted.
+line naming it, and counted (a truncated image found only when decoding too, by the prediction
+writer's summary). Boxes are in the pixels of the upright image (EXIF orientation applied, as the
+demo shows it); an image named twice, or with more than ``max_regions`` boxes, is an error.
 """
 
 from __future__ import annotations
@@ -22,31 +24,25 @@ from typing import Any, Optional
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from fineregion_pl.data.schemas import boxes_entries, read_json_file
 from fineregion_pl.model.boxes import check_box
 from fineregion_pl.model.errors import BadInputError
+from fineregion_pl.model.images import as_rgb, upright_size
 from fineregion_pl.model.transforms import RegionSample, to_region_sample
 
 
-def _image_entries(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        entries = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise BadInputError(f"{path}: line {number} is not JSON ({err.msg})") from None
-        return entries
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise BadInputError(f"{path}: not JSON ({err.msg} at line {err.lineno})") from None
-    if isinstance(data, dict):
-        return [{"image": name, "boxes": boxes} for name, boxes in data.items()]
-    if isinstance(data, list):
-        return data
-    raise BadInputError(f"{path}: expected a JSON object or list, got {type(data).__name__}")
+def _image_entries(path: Path) -> Any:
+    """The parsed boxes file: a JSON value, or the list of a JSONL file's lines (validated by the caller)."""
+    if path.suffix != ".jsonl":
+        return read_json_file(path, "boxes file")
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise BadInputError(f"{path}: line {number} is not JSON ({err.msg})") from None
+    return entries
 
 
 def read_boxes_file(path: str | Path) -> list[dict]:
@@ -55,14 +51,9 @@ def read_boxes_file(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise BadInputError(f"boxes file not found: {path}")
     records = []
-    for number, entry in enumerate(_image_entries(path), 1):
-        if not isinstance(entry, dict) or "image" not in entry:
-            raise BadInputError(f"{path}: entry {number} has no 'image' key")
-        name = str(entry["image"])
-        boxes = entry.get("boxes", [])
-        if not isinstance(boxes, list):
-            raise BadInputError(f"{path}: image {name!r}: 'boxes' is not a list")
-        ids = entry.get("ids") or list(range(len(boxes)))
+    for entry in boxes_entries(_image_entries(path), path):
+        name, boxes = entry.image, entry.boxes
+        ids = entry.ids if entry.ids is not None else list(range(len(boxes)))
         if len(ids) != len(boxes):
             raise BadInputError(f"{path}: image {name!r} has {len(boxes)} boxes but {len(ids)} ids")
         checked = [check_box(b, f"{path}: image {name!r} region {rid}") for b, rid in zip(boxes, ids)]
@@ -95,6 +86,9 @@ class ImageBoxesDataset(Dataset):
         self.skipped: dict[str, int] = {}
         self.records = []
         for record in read_boxes_file(self.boxes_file):
+            if len(record["boxes"]) > max_regions:
+                raise BadInputError(f"{self.boxes_file}: image {record['image']!r} has {len(record['boxes'])} boxes, more than "
+                                    f"max_regions={max_regions} (--data.predict_max_regions): raise it or split the image's boxes")
             size = self._probe(record["image"])
             if size is not None:
                 record["size"] = size
@@ -112,7 +106,7 @@ class ImageBoxesDataset(Dataset):
             return None
         try:
             with Image.open(path) as probe:
-                size = probe.size
+                size = upright_size(probe)
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
             self._skip("unreadable_image", f"skipped image {path}: unreadable ({str(err).splitlines()[0]})")
             return None
@@ -131,14 +125,16 @@ class ImageBoxesDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> RegionSample:
+    def __getitem__(self, index: int) -> Optional[RegionSample]:
+        """The image's sample, or ``None`` (with a warning naming it) when its pixel data is broken
+        (a truncated file passes the header probe); the prediction writer counts it as skipped."""
         record = self.records[index]
         path = self.image_dir / record["image"]
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, UnidentifiedImageError) as err:  # probed fine but the pixel data is broken
-            raise BadInputError(f"image {path} cannot be decoded: {str(err).splitlines()[0]}") from None
+            image = as_rgb(path, "image")
+        except BadInputError as err:
+            warnings.warn(f"skipped image {path}: unreadable ({str(err).split(': ', 1)[-1]})", stacklevel=2)
+            return None
         width, height = record["size"]
         regions = [{"id": rid, "box": box} for rid, box in zip(record["ids"], record["boxes"])]
         meta = {"image_id": record["image"], "width": width, "height": height, "regions": regions}

@@ -6,6 +6,7 @@ Every function is pure and batched: ``boxes`` is ``(..., 4)`` with ``x0, y0, x1,
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,13 +86,15 @@ def check_box(box: Any, where: str) -> list[float]:
 
 def four_numbers(box: Any) -> tuple[list[float], str]:
     """``(values, "")`` for a list/tuple of four finite numbers, else ``([], problem)`` where
-    ``problem`` completes "region 3 ..." (``is not four numbers`` / ``has a non-finite value``)."""
+    ``problem`` completes "region 3 ..." (``is not four numbers`` / ``has a non-finite value``).
+
+    Only real numbers count (ints, floats, numpy scalars; not ``bool``): a string such as ``"5"``
+    is never read as a coordinate, and ``"5599"`` is not four digits of a box."""
     if isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 4:
         return [], "is not four numbers"
-    try:
-        values = [float(v) for v in box]
-    except (TypeError, ValueError):
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in box):
         return [], "is not four numbers"
+    values = [float(v) for v in box]
     if not all(math.isfinite(v) for v in values):
         return [], "has a non-finite value"
     return values, ""
