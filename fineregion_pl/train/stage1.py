@@ -117,6 +117,8 @@ class Stage1Module(L.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict]:
+        if batch is None:  # every image of the batch was skipped (counted by the prediction writer)
+            return []
         out = self(batch)
         probs = out.logits.softmax(-1)
         names = self.hparams.categories

@@ -188,6 +188,8 @@ class Stage2Module(L.LightningModule):
         self.collector.write(results, out_dir)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict]:
+        if batch is None:  # every image of the batch was skipped (counted by the prediction writer)
+            return []
         return self.model.describe_batch(batch, ignore_regions=self.hparams.ignore_regions)
 
     # ------------------------------------------------------------------ optimisation and checkpoints
