@@ -84,6 +84,19 @@ def check_box(box: Any, where: str) -> list[float]:
     return values
 
 
+def box_list(boxes: Any, where: str) -> list[Any]:
+    """A user's boxes of one image as a list of rows: a list/tuple of boxes, or an ``(n, 4)``
+    numpy array or tensor (``.tolist()``); each row is checked later by :func:`check_box`.
+    ``None``, a string or a bare number is a one-line :class:`BadInputError` naming ``where``."""
+    if hasattr(boxes, "tolist") and not isinstance(boxes, (list, tuple)):
+        boxes = boxes.tolist()
+        if boxes and not isinstance(boxes[0], list):  # one flat box of shape (4,)
+            raise BadInputError(f"{where}: boxes must be a list of [x0, y0, x1, y1] (shape (n, 4)), got one flat box {boxes!r}")
+    if isinstance(boxes, (str, bytes)) or not isinstance(boxes, (list, tuple)):
+        raise BadInputError(f"{where}: boxes must be a list of [x0, y0, x1, y1], an (n, 4) array or tensor, not {type(boxes).__name__}")
+    return list(boxes)
+
+
 def four_numbers(box: Any) -> tuple[list[float], str]:
     """``(values, "")`` for a list/tuple of four finite numbers, else ``([], problem)`` where
     ``problem`` completes "region 3 ..." (``is not four numbers`` / ``has a non-finite value``).

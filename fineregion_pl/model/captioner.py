@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fineregion_pl.model.boxes import box_geometry, check_box, sanitize_boxes
+from fineregion_pl.model.boxes import box_geometry, box_list, check_box, sanitize_boxes
 from fineregion_pl.model.checkpoint_files import check_weights_fit, read_checkpoint
 from fineregion_pl.model.config import as_config
 from fineregion_pl.model.dynamic_masking import DynamicMasking, MaskingMode
 from fineregion_pl.model.encoder import EncoderConfig, whole_image_boxes
 from fineregion_pl.model.errors import BadInputError
+from fineregion_pl.model.images import as_rgb
 from fineregion_pl.model.language_model import LanguageModelConfig, LoraSettings, RegionLanguageModel
 from fineregion_pl.model.losses import consistency_loss, mask_loss
 from fineregion_pl.model.region_prompt import PromptMode, RegionPrompt
@@ -302,8 +303,11 @@ class RegionCaptioner(nn.Module):
         """Captions for the boxes of several PIL images, all regions in one batch.
 
         Args:
-            images: PIL images.
-            boxes: per image, its boxes ``[x0, y0, x1, y1]`` in that image's pixels.
+            images: PIL images, numpy arrays (``(H, W[, 3|4])``) or tensors (``(3, H, W)``), paths
+                or bytes, all read by :func:`fineregion_pl.model.images.as_rgb` (EXIF orientation,
+                16-bit, palette, alpha, CMYK handled as at every front door).
+            boxes: per image, its boxes ``[x0, y0, x1, y1]`` in that image's (upright) pixels, as
+                lists or an ``(n, 4)`` array/tensor.
             ids: per image, its region ids (default 0, 1, ...).
 
         Returns:
@@ -312,16 +316,24 @@ class RegionCaptioner(nn.Module):
         """
         from fineregion_pl.model.transforms import collate_regions, to_region_sample
 
-        if len(images) != len(boxes):
-            raise BadInputError(f"got {len(images)} images but {len(boxes)} box lists")
+        if not isinstance(images, (list, tuple)):
+            raise BadInputError(f"images must be a list of images (describe() takes one), not {type(images).__name__}")
+        images = [as_rgb(image, f"image {index}") for index, image in enumerate(images)]
+        boxes = [box_list(b, f"image {index}") for index, b in enumerate(box_list(boxes, "boxes"))]
+        if ids is not None:
+            ids = [box_list(i, f"image {index} ids") for index, i in enumerate(box_list(ids, "ids"))]
+        if len(images) != len(boxes) or (ids is not None and len(ids) != len(images)):
+            raise BadInputError(f"got {len(images)} images but {len(boxes)} box lists" + (f" and {len(ids)} id lists" if ids is not None else ""))
         was_training = self.training
         self.eval()
         samples = []
         for index, (image, image_boxes) in enumerate(zip(images, boxes)):
             region_ids = list(ids[index]) if ids is not None else list(range(len(image_boxes)))
+            if len(region_ids) != len(image_boxes):
+                raise BadInputError(f"image {index} has {len(image_boxes)} boxes but {len(region_ids)} ids")
             checked = [check_box(b, f"image {index} region {rid}") for b, rid in zip(image_boxes, region_ids)]
             record = {"image_id": index, "width": image.width, "height": image.height, "regions": [{"id": rid, "box": b} for rid, b in zip(region_ids, checked)]}
-            samples.append(to_region_sample(image.convert("RGB"), record, self.image_size, max_regions=len(checked) or 1, train=False))
+            samples.append(to_region_sample(image, record, self.image_size, max_regions=len(checked) or 1, train=False))
         batch = collate_regions(samples)
         device = self.device
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
