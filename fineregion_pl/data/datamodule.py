@@ -49,7 +49,7 @@ def _worker_slot() -> tuple[int, int]:
 def skip_bad_sample(error: Exception) -> bool:
     """webdataset error handler: skip the sample, with one warning naming it and its shard."""
     key, url = getattr(error, "key", None), getattr(error, "url", None)
-    cause = error.__cause__ or error.__context__ or error
+    cause = error if isinstance(error, BadInputError) else (error.__cause__ or error.__context__ or error)
     where = f"sample {key!r} of {url}" if key or url else "a sample"
     warnings.warn(f"skipped {where}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else 'cannot decode'}", stacklevel=2)
     return True

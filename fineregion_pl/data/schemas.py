@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Optional
 
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -178,17 +178,27 @@ class Instances(Strict):
     categories: list[CocoCategory] = []
 
 
-def validated_list(model: Any, data: Any, where: str, unit: str = "entry") -> list:
-    """``data`` as a list of validated ``model`` items, one line naming the first bad ``unit`` and field."""
+def check_list(model: Any, data: Any, where: str, unit: str = "entry") -> list:
+    """``data`` itself once every item passed ``model``; else one line naming the first bad ``unit`` and field."""
     if not isinstance(data, list):
-        raise BadInputError(f"{where}: expected a list of {unit}s, found {type(data).__name__}")
+        raise BadInputError(f"{where}: expected a list (one {unit} per item), found {type(data).__name__}")
     adapter = TypeAdapter(list[model])
     try:
-        return adapter.validate_python(data)
+        adapter.validate_python(data)
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
         index, *rest = first["loc"]
         raise BadInputError(f"{where}: {unit} {index}: {problem(dict(first, loc=tuple(rest)))}") from None
+    return data
+
+
+def check_split_file(data: Any, where: str) -> dict[str, list]:
+    """A split file ``{"train": [image ids], ...}`` (ids integers or strings), or one line naming the split and field."""
+    if not isinstance(data, dict):
+        raise BadInputError(f'{where}: expected {{"train": [image ids], "val": [...], "test": [...]}}, found {type(data).__name__}')
+    for split, ids in data.items():
+        check_list(ImageIdItem, [{"id": i} for i in ids] if isinstance(ids, list) else ids, f"{where}: split {split!r}", "image id")
+    return data
 
 
 # ----------------------------------------------------------------------------- Visual Genome
@@ -236,4 +246,5 @@ class VgRelationshipEntry(Strict):
     relationships: list[VgRelationship] = []
 
 
-SplitFile = dict[str, list[Union[int, str]]]
+class ImageIdItem(Strict):
+    id: ImageId

@@ -42,7 +42,7 @@ class Strict(BaseModel):
 
 
 def _field(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc) or "the value"
+    return ".".join(str(part) for part in loc)
 
 
 def problem_of(error: ValidationError) -> str:
@@ -54,7 +54,8 @@ def problem(first: dict) -> str:
     """One pydantic error entry (``loc``, ``msg``, ``input``) as ``field a.b.0: <message> (got <value>)``."""
     got = repr(first.get("input"))
     got = got if len(got) <= 60 else got[:57] + "..."
-    return f"field {_field(first['loc'])}: {first['msg'].removeprefix('Value error, ')} (got {got})"
+    field = f"field {_field(first['loc'])}: " if first["loc"] else ""
+    return f"{field}{first['msg'].removeprefix('Value error, ')} (got {got})"
 
 
 def validated(model: type[M], value: Any, where: str) -> M:
