@@ -71,7 +71,9 @@ def load_refs(path: Path) -> list[dict]:
                 refs = _redecode(pickle.load(f, encoding="latin1"))
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as err:
             raise InputError(f"{path}: not a readable refs pickle ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'truncated'})") from None
-    return check_list(ReferRef, refs, str(path), "ref")
+    if not isinstance(refs, list):
+        raise InputError(f"{path}: expected a list of refs, found {type(refs).__name__}")
+    return refs
 
 
 def load_instances(path: Path) -> dict:
@@ -170,7 +172,7 @@ def convert(args: argparse.Namespace) -> tuple[str, dict[str, dict], None]:
         raise InputError(f"--coco-images {args.coco_images} is not a folder (want the COCO train2014 images)")
     instances = load_instances(instances_path)
     log = SkipLog(settings.strict)
-    refs = load_refs(refs_path)
+    refs = check_list(ReferRef, load_refs(refs_path), str(refs_path), "ref")
     jobs = build_jobs(refs, instances, Path(args.coco_images), refs_path.name, SPLITS[split_by], log)
     extra = {"dataset": args.dataset, "split_by": split_by, "num_refs_in_file": len(refs),
              "source_files": [str(refs_path), str(instances_path)]}
