@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +36,7 @@ from fineregion_pl.model.config import as_config
 from fineregion_pl.model.dynamic_masking import DynamicMasking, MaskingMode
 from fineregion_pl.model.encoder import EncoderConfig, whole_image_boxes
 from fineregion_pl.model.errors import BadInputError
+from fineregion_pl.model.fingerprint import check_fingerprint
 from fineregion_pl.model.images import as_rgb
 from fineregion_pl.model.language_model import LanguageModelConfig, LoraSettings, RegionLanguageModel
 from fineregion_pl.model.losses import consistency_loss, mask_loss
@@ -365,7 +367,7 @@ class RegionCaptioner(nn.Module):
         self.load_state_dict({**{k: own[k] for k in frozen - set(state)}, **state})
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", dtype: Optional[str] = None) -> RegionCaptioner:
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", dtype: Optional[str] = None, allow_other_base_lm: bool = False) -> RegionCaptioner:
         """A stage-2 Lightning checkpoint file (its base LM must be reachable at the saved path or hub name).
 
         Args:
@@ -373,6 +375,8 @@ class RegionCaptioner(nn.Module):
             device: where to run.
             dtype: load the base LM in this dtype instead of the checkpoint's ``language_model.dtype``
                 (whose ``auto`` is float32 here, outside a trainer).
+            allow_other_base_lm: load even when the base LM found at the saved path is not the one
+                the checkpoint records (its fingerprint differs); default: a one-line error.
         """
         checkpoint = read_checkpoint(path)
         hparams = checkpoint.get("hyper_parameters") or {}
@@ -382,6 +386,11 @@ class RegionCaptioner(nn.Module):
         if dtype is not None:
             config.language_model.dtype = dtype
         captioner = cls(config)
+        if captioner.frozen_language_keys():
+            note = check_fingerprint(checkpoint.get("frozen_lm_fingerprint"), config.language_model.name_or_path,
+                                     captioner.language.model, str(path), allow_other_base_lm)
+            if note:
+                warnings.warn(note, stacklevel=2)
         captioner.load_trained_weights(captioner_weights(checkpoint["state_dict"]), str(path))
         return captioner.eval().to(device)
 

@@ -46,6 +46,13 @@ class FineRegionCLI(LightningCLI):
             run=run,
         )
 
+    def instantiate_trainer(self, **kwargs):
+        """Lightning's trainer, saving checkpoints atomically (:mod:`fineregion_pl.train.checkpoint_io`)."""
+        from fineregion_pl.train.checkpoint_io import use_atomic_checkpoints
+
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
 
     def add_arguments_to_parser(self, parser) -> None:
         from fineregion_pl.train.prediction_writer import RegionPredictionWriter

@@ -12,8 +12,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from fineregion_pl.model.config import as_config, plain_hparams
 from fineregion_pl.model.dynamic_masking import DynamicMasking, MaskingMode
 from fineregion_pl.model.encoder import EncoderConfig
-from fineregion_pl.model.errors import BadInputError, check_finite_loss
+from fineregion_pl.model.errors import BadInputError, check_finite_loss, check_finite_weights
 from fineregion_pl.model.losses import attention_inside, mask_loss
+from fineregion_pl.model.schemas import check_options
 from fineregion_pl.model.vision_model import RegionOutputs, RegionVisionModel
 from fineregion_pl.train.optim import adamw_with_schedule
 
@@ -56,6 +57,8 @@ class Stage1Module(L.LightningModule):
         warmup_steps: int = 50,
     ):
         super().__init__()
+        check_options("model", lr=(lr, ">0"), encoder_lr=(encoder_lr, ">=0"), weight_decay=(weight_decay, ">=0"), warmup_steps=(warmup_steps, ">=0"),
+                      mask_loss_weight=(mask_loss_weight, ">=0"), head_hidden=(head_hidden, ">=1"), attn_dim=(attn_dim, ">=1"))
         if not num_classes:
             raise BadInputError("Stage1Module needs `num_classes`: give data shards (`--data.data_dirs`) or `--model.num_classes`")
         self.save_hyperparameters()
@@ -85,6 +88,10 @@ class Stage1Module(L.LightningModule):
             "mask_loss": l_mask,
             "attn_inside": attention_inside(out.attn_logits, out.target_masks, out.region_valid).detach(),
         }
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        check_finite_weights(self.parameters(), self.global_step)  # before ModelCheckpoint can save this step
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch)
