@@ -19,6 +19,7 @@ from fineregion_pl.train.cli import LIGHTNING_VERBS, run_lightning
 def _plain_verbs() -> dict[str, tuple[Callable, str]]:
     from fineregion_pl.commands.ablations import ablations
     from fineregion_pl.commands.convert_zero import convert_zero
+    from fineregion_pl.commands.data_check import data_verbs
     from fineregion_pl.commands.demo import demo
     from fineregion_pl.commands.export import export
     from fineregion_pl.commands.quickstart import quickstart
@@ -28,6 +29,7 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
         "export": (export, "a stage-2 checkpoint as a LoRA adapter, a merged HF model and the vision weights"),
         "convert-zero": (convert_zero, "a DeepSpeed ZeRO checkpoint folder as one Lightning checkpoint file (for test, predict, export, init_from)"),
         "demo": (demo, "a local web page: open an image, draw or type boxes, read each region's caption"),
+        "data": (data_verbs(), "data check DIR: validate a shard set (decodes, boxes, categories, manifest counts) before training"),
         "ablations": (ablations, "Table 1 (methods) and Table 2 (ablations) on the synthetic benchmark, over seeds"),
     }
 
