@@ -74,10 +74,17 @@ class SplitCheck:
                     self.sample(shard, key, parts, categories, keys)
             except (tarfile.TarError, OSError, EOFError) as err:
                 self.problem("unreadable_shard", f"{shard}: not a readable tar ({err})")
-        for unit in COUNTS:
-            stated = manifest.get(f"num_{unit}")
-            if stated is not None and stated != self.seen[unit]:
-                self.problem("count_mismatch", f"{self.folder / 'manifest.json'}: num_{unit} is {stated} but the shards hold {self.seen[unit]}")
+        wrong = [f"num_{unit} is {manifest[f'num_{unit}']} but the shards hold {self.seen[unit]}"
+                 for unit in COUNTS if manifest.get(f"num_{unit}") is not None and manifest[f"num_{unit}"] != self.seen[unit]]
+        if wrong:
+            self.problem("count_mismatch", f"{self.folder / 'manifest.json'}: {', '.join(wrong)}")
+
+    def _count_raw(self, raw: object) -> None:
+        regions = raw.get("regions") if isinstance(raw, dict) else None
+        regions = regions if isinstance(regions, list) else []
+        questions = raw.get("questions") if isinstance(raw, dict) and isinstance(raw.get("questions"), list) else []
+        sentences = sum(len(r["captions"]) for r in regions if isinstance(r, dict) and isinstance(r.get("captions"), list))
+        self.seen.update(images=1, regions=len(regions), questions=len(questions), sentences=sentences)
 
     def sample(self, shard: Path, key: str, parts: dict[str, bytes], categories: int, keys: set[str]) -> None:
         where = f"{shard.name}: sample {key!r}"
@@ -85,9 +92,16 @@ class SplitCheck:
             self.problem("duplicate_key", f"{where} appears twice in the split")
         keys.add(key)
         try:
-            record = validated(ShardRecord, json.loads(parts.get("json", b"null")), where)
-        except (BadInputError, ValueError) as err:
-            self.problem("bad_record", str(err) if isinstance(err, BadInputError) else f"{where}: JSON record unreadable ({err})")
+            raw = json.loads(parts.get("json", b"null"))
+        except ValueError as err:
+            self.problem("bad_record", f"{where}: JSON record unreadable ({err})")
+            self.seen.update(images=1)
+            return
+        try:
+            record = validated(ShardRecord, raw, where)
+        except BadInputError as err:
+            self._count_raw(raw)  # a bad record is still held by the shard: the manifest counts it
+            self.problem("bad_record", str(err))
             return
         self.seen.update(images=1, regions=len(record.regions), questions=len(record.questions),
                          sentences=sum(len(r.captions) for r in record.regions))
