@@ -11,11 +11,14 @@ error the temporary file is removed and the old checkpoint stays.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from fineregion_pl.model.errors import BadInputError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -25,6 +28,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path) and not str(path).startswith("file://"):
             return super().save_checkpoint(checkpoint, path, storage_options)
         save_atomic(checkpoint, Path(str(path).removeprefix("file://")))
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Lightning's load, with a truncated or foreign file reported as one line naming it (resume with ``--ckpt_path``)."""
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except FileNotFoundError:
+            raise BadInputError(f"checkpoint not found: {path}") from None
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BadInputError(f"cannot read checkpoint {path} (truncated or not a checkpoint?): {first[:200]}") from None
 
 
 def save_atomic(checkpoint: dict[str, Any], path: Path) -> None:
