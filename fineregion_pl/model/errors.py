@@ -24,8 +24,9 @@ class NonFiniteLossError(FineRegionError, FloatingPointError):
 def check_finite_loss(loss: Any, step: int, parts: dict[str, Any]) -> None:
     """Raise :class:`NonFiniteLossError` before a non-finite loss reaches backward and the weights.
 
-    Raising here means the optimizer never applies the bad step, and the checkpoint callback
-    (which runs after the step) never saves it: the last checkpoint on disk stays the last good one.
+    Raising here means the optimizer never applies the bad step. The weights a finite loss's step
+    produced can still be poisoned; ``train/callbacks.py: CheckpointGate`` checks them before any
+    checkpoint of them is written, so the last checkpoint on disk stays the last good one.
     """
     value = float(loss.detach())
     if math.isfinite(value):
@@ -36,19 +37,3 @@ def check_finite_loss(loss: Any, step: int, parts: dict[str, Any]) -> None:
         "optimizer step, so the last checkpoint on disk is the last good one: lower the learning rate or check the data"
     )
 
-
-def check_finite_weights(parameters: Any, step: int) -> None:
-    """Raise :class:`NonFiniteLossError` when an optimizer step left a trainable weight NaN or infinite.
-
-    A finite loss can still take a step that blows the weights up (too high a learning rate); the
-    loss of the *next* step is the first to show it, after a checkpoint of the poisoned weights was
-    written. Checked right after the optimizer step, before any checkpoint callback runs.
-    """
-    import torch
-
-    checks = [torch.isfinite(p).all() for p in parameters if p.requires_grad and p.numel() > 0]
-    if checks and not bool(torch.stack(checks).all()):
-        raise NonFiniteLossError(
-            f"the optimizer step of step {step} made trainable weights non-finite; stopped before any checkpoint of it was "
-            "written, so the last checkpoint on disk is the last good one: lower the learning rate or clip gradients"
-        )

@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from fineregion_pl.model.config import as_config, plain_hparams
 from fineregion_pl.model.dynamic_masking import DynamicMasking, MaskingMode
 from fineregion_pl.model.encoder import EncoderConfig
-from fineregion_pl.model.errors import BadInputError, check_finite_loss, check_finite_weights
+from fineregion_pl.model.errors import BadInputError, check_finite_loss
 from fineregion_pl.model.losses import attention_inside, mask_loss
 from fineregion_pl.model.schemas import check_options
 from fineregion_pl.model.vision_model import RegionOutputs, RegionVisionModel
@@ -89,9 +89,14 @@ class Stage1Module(L.LightningModule):
             "attn_inside": attention_inside(out.attn_logits, out.target_masks, out.region_valid).detach(),
         }
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        check_finite_weights(self.parameters(), self.global_step)  # before ModelCheckpoint can save this step
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The training loss terms of a batch with the current weights (``CheckpointGate`` checks them before a checkpoint)."""
+        return self._losses(batch, self(batch))
+
+    def configure_callbacks(self) -> list:
+        from fineregion_pl.train.callbacks import CheckpointGate
+
+        return [CheckpointGate()]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch)

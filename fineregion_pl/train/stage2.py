@@ -16,7 +16,7 @@ from fineregion_pl.model.checkpoint_files import check_weights_fit, load_stage1_
 from fineregion_pl.model.config import optional_config, plain_hparams
 from fineregion_pl.model.dynamic_masking import DynamicMasking, MaskingMode
 from fineregion_pl.model.encoder import EncoderConfig
-from fineregion_pl.model.errors import BadInputError, check_finite_loss, check_finite_weights
+from fineregion_pl.model.errors import BadInputError, check_finite_loss
 from fineregion_pl.model.fingerprint import check_fingerprint, lm_fingerprint
 from fineregion_pl.model.language_model import LanguageModelConfig
 from fineregion_pl.model.region_prompt import PromptMode
@@ -165,9 +165,14 @@ class Stage2Module(L.LightningModule):
         return {**terms, "loss": total}
 
     # ------------------------------------------------------------------ Lightning hooks
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        check_finite_weights(self.parameters(), self.global_step)  # before ModelCheckpoint can save this step
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The training loss terms of a batch with the current weights (``CheckpointGate`` checks them before a checkpoint)."""
+        return self.losses(batch)
+
+    def configure_callbacks(self) -> list:
+        from fineregion_pl.train.callbacks import CheckpointGate
+
+        return [CheckpointGate()]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         language = self.model.language
