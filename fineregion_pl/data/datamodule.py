@@ -48,19 +48,24 @@ def _worker_slot() -> tuple[int, int]:
 
 def skip_bad_sample(error: Exception) -> bool:
     """webdataset error handler: skip the sample, with one warning naming it and its shard."""
+    if isinstance(error, BadInputError):  # ours: the message already names the sample, its shard and the field
+        warnings.warn(f"skipped {error}", stacklevel=2)
+        return True
     key, url = getattr(error, "key", None), getattr(error, "url", None)
-    cause = error if isinstance(error, BadInputError) else (error.__cause__ or error.__context__ or error)
+    cause = error.__cause__ or error.__context__ or error
     where = f"sample {key!r} of {url}" if key or url else "a sample"
     warnings.warn(f"skipped {where}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else 'cannot decode'}", stacklevel=2)
     return True
 
 
-def _checked_sample(sample: dict) -> dict:
-    """A raw tar sample whose JSON record passed :class:`~fineregion_pl.data.schemas.ShardRecord`
-    (a wrong-typed box or category is a skip naming the sample and field, not a crash downstream)."""
+def _decoded_sample(sample: dict) -> dict:
+    """A tar sample with its JSON record checked (:class:`~fineregion_pl.data.schemas.ShardRecord`:
+    a wrong-typed box or category is a skip naming the sample and field, not a crash downstream)
+    and parsed, and its image read by :func:`~fineregion_pl.model.images.as_rgb`, as at every front door."""
     import json
 
     from fineregion_pl.data.schemas import check_record
+    from fineregion_pl.model.images import as_rgb
 
     where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')}"
     try:
@@ -68,7 +73,11 @@ def _checked_sample(sample: dict) -> dict:
     except (KeyError, ValueError, UnicodeDecodeError) as err:
         raise BadInputError(f"{where}: no readable JSON record ({err})") from None
     check_record(record, where)
-    return sample
+    out = {**sample, "json": record}
+    for ext in ("jpg", "jpeg", "png"):
+        if ext in out:
+            out[ext] = as_rgb(out[ext], where)
+    return out
 
 
 def _samples(shards: list[str], stream: RegionBatchStream, rng: random.Random, category_map: Optional[list[int]] = None) -> Iterator:
@@ -82,8 +91,7 @@ def _samples(shards: list[str], stream: RegionBatchStream, rng: random.Random, c
     if stream.train:
         stages.append(wds.shuffle(stream.shuffle_buffer, initial=min(100, stream.shuffle_buffer), rng=rng))
     stages += [
-        wds.map(_checked_sample, handler=skip_bad_sample),
-        wds.decode("pil", handler=skip_bad_sample),
+        wds.map(_decoded_sample, handler=skip_bad_sample),
         wds.to_tuple("jpg;png;jpeg", "json", handler=skip_bad_sample),
         wds.map(lambda s: to_region_sample(s[0], s[1], stream.image_size, stream.max_regions, stream.train, rng, category_map)),
     ]

@@ -81,13 +81,17 @@ def open_image(source: Any, where: str = "image") -> Image.Image:
     raise BadInputError(f"{where} must be a PIL image, a numpy array, a tensor, a path or bytes, not {type(source).__name__}")
 
 
-def as_rgb(source: Any, where: str = "image") -> Image.Image:
-    """An upright 8-bit RGB PIL image from anything :func:`open_image` takes (see the module docstring)."""
+def as_rgb(source: Any, where: str = "image", orientation: bool = True) -> Image.Image:
+    """An upright 8-bit RGB PIL image from anything :func:`open_image` takes (see the module docstring).
+
+    ``orientation=False`` keeps the stored pixel layout (the converters: dataset boxes refer to the
+    stored pixels, and the shard they write carries no orientation tag, so every reader agrees)."""
     image = open_image(source, where)
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture; it stays as stored
-        pass
+    if orientation:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the picture; it stays as stored
+            pass
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         image = _to_8bit(image)
     if image.mode == "P":
@@ -102,6 +106,14 @@ def as_rgb(source: Any, where: str = "image") -> Image.Image:
 
 
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def has_orientation(image: Image.Image) -> bool:
+    """Whether an image carries an EXIF orientation other than "as stored"."""
+    try:
+        return image.getexif().get(0x0112, 1) not in (0, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF counts as none, as in as_rgb
+        return False
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
