@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -202,6 +202,24 @@ def check_split_file(data: Any, where: str) -> dict[str, list]:
 
 
 # ----------------------------------------------------------------------------- Visual Genome
+class VgImageRef(Strict):
+    """An image named by a dict (VG 1.0's ``"image": {"id": ...}``)."""
+
+    image_id: Optional[ImageId] = None
+    id: Optional[ImageId] = None
+
+
+VgImageId = Optional[Union[VgImageRef, ImageId]]
+
+
+class VgEntry(Strict):
+    """A per-image entry of any VG file: its image named by ``image_id``, ``id`` or ``image``."""
+
+    image_id: VgImageId = None
+    id: VgImageId = None
+    image: VgImageId = None
+
+
 class VgImage(Strict):
     image_id: Optional[ImageId] = None
     id: Optional[ImageId] = None
@@ -213,12 +231,12 @@ class VgImage(Strict):
 class VgRegion(Strict):
     region_id: Optional[RegionId] = None
     id: Optional[RegionId] = None
-    image_id: Any = None
-    image: Any = None
+    image_id: VgImageId = None
+    image: VgImageId = None
     phrase: Optional[str] = None
 
 
-class VgRegionEntry(Strict):
+class VgRegionEntry(VgEntry):
     regions: list[VgRegion] = []
 
 
@@ -227,7 +245,7 @@ class VgObject(Strict):
     name: Optional[str] = None
 
 
-class VgObjectEntry(Strict):
+class VgObjectEntry(VgEntry):
     objects: list[VgObject] = []
 
 
@@ -242,7 +260,7 @@ class VgRelationship(Strict):
     object: Optional[VgEnd] = None
 
 
-class VgRelationshipEntry(Strict):
+class VgRelationshipEntry(VgEntry):
     relationships: list[VgRelationship] = []
 
 

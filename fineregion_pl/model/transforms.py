@@ -137,7 +137,7 @@ def to_region_sample(
         questions=list(record.get("questions", [])),
         image_id=record.get("image_id"),
         scale=scale,
-        size=(int(record.get("width", image.width)), int(record.get("height", image.height))),
+        size=(int(record.get("width") or image.width), int(record.get("height") or image.height)),
         segmentations=[letterbox_segmentation(r.get("segmentation"), scale, image_size) for r in regions],
     )
 
