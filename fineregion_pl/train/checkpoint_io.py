@@ -43,6 +43,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def save_atomic(checkpoint: dict[str, Any], path: Path) -> None:
     """``torch.save`` to ``path`` through ``.<name>.tmp-<pid>`` in the same folder, fsync and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
