@@ -41,32 +41,30 @@ def fields_with(template: dict, values: dict) -> dict:
     return {**template, **values}
 
 
+def read_as_file(reader, content, name: str):
+    """``reader(path)`` of ``content`` written as JSON to ``name``; ``None`` after checking the error is one line."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        path.write_text(json.dumps(content))
+        try:
+            return reader(path)
+        except Exception as error:  # noqa: BLE001 - what kind is the assertion
+            one_line(error)
+            return None
+
+
 @FAST
 @given(st.one_of(json_values, st.dictionaries(st.sampled_from(["image", "boxes", "ids", "other"]), json_values, max_size=4).map(lambda e: [e])))
 def test_boxes_files(content):
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "boxes.json"
-        path.write_text(json.dumps(content))
-        try:
-            records = read_boxes_file(path)
-        except Exception as error:  # noqa: BLE001 - what kind is the assertion
-            one_line(error)
-            return
-        for record in records:
-            assert all(len(box) == 4 and all(isinstance(v, float) for v in box) for box in record["boxes"])
+    for record in read_as_file(read_boxes_file, content, "boxes.json") or []:
+        assert all(len(box) == 4 and all(isinstance(v, float) for v in box) for box in record["boxes"])
 
 
 @FAST
 @given(st.dictionaries(st.sampled_from(["split", "num_images", "shards", "categories", "skipped", "num_regions"]), json_values) | json_values)
 def test_manifests(content):
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "manifest.json"
-        path.write_text(json.dumps(content))
-        try:
-            manifest = read_manifest_file(path)
-        except Exception as error:  # noqa: BLE001
-            one_line(error)
-            return
+    manifest = read_as_file(read_manifest_file, content, "manifest.json")
+    if manifest is not None:
         assert isinstance(manifest["num_images"], int) and isinstance(manifest["shards"], list)
 
 
