@@ -118,6 +118,16 @@ class RegionThroughputMonitor(ThroughputMonitor):
         log_metrics(trainer, metrics)  # as the parent logs its figures (same step)
 
 
+def _forward_outside_wrapper(trainer) -> bool:
+    """Whether the module's own forward works outside the strategy's wrapper: one device, DDP and
+    DeepSpeed ZeRO-1/2 (full weights on every rank), not FSDP or ZeRO-3 (sharded weights; there the
+    gate checks each rank's shard of the weights only)."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not getattr(strategy, "zero_stage_3", False)
+
+
 class CheckpointGate(Callback):
     """Keeps poisoned weights out of checkpoints: on every step a ``ModelCheckpoint`` is about to
     save (``every_n_train_steps``), the weights the optimizer just produced are checked first,
@@ -139,9 +149,9 @@ class CheckpointGate(Callback):
         try:
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 pl_module.eval()
-                losses = pl_module.training_losses(batch)
-                finite = all(torch.isfinite(v).all() for v in losses.values()) and all(
-                    torch.isfinite(p).all() for p in pl_module.parameters() if p.requires_grad and p.numel() > 0)
+                finite = all(torch.isfinite(p).all() for p in pl_module.parameters() if p.requires_grad and p.numel() > 0)
+                if finite and _forward_outside_wrapper(trainer):
+                    finite = all(torch.isfinite(v).all() for v in pl_module.training_losses(batch).values())
         finally:
             pl_module.train(was_training)
             random.setstate(states[0])
