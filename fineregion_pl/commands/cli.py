@@ -53,6 +53,17 @@ def lost_peer(error: BaseException) -> bool:
     return any(sign in text for sign in _LOST_PEER_SIGNS) or ("gloo" in text.lower() and "Timed out" in text)
 
 
+def wrapped_error(error: BaseException) -> FineRegionError | None:
+    """The package's own error among the causes of ``error`` (``__cause__``/``__context__``), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, FineRegionError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _usage(plain: dict[str, tuple[Callable, str]]) -> str:
     lines = ["usage: fineregion-pl VERB [options]   (fineregion-pl VERB --help for a verb's options)", "", "verbs:"]
     for verb, text in list(LIGHTNING_VERBS.items()) + [(v, t) for v, (_, t) in plain.items()]:
@@ -82,8 +93,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     except FineRegionError as err:
         print(f"fineregion-pl: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    except RuntimeError as err:
-        if not lost_peer(err):
+    except Exception as err:  # noqa: BLE001 - ours inside a library's wrapper (jsonargparse instantiating a class_path) is still one line
+        ours = wrapped_error(err)
+        if ours is not None:
+            print(f"fineregion-pl: error: {ours}", file=sys.stderr)
+            raise SystemExit(1) from None
+        if not isinstance(err, RuntimeError) or not lost_peer(err):
             raise
         traceback.print_exc()  # the whole story in the log; the summary is the last line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -25,6 +25,8 @@ class QuietParser(LightningArgumentParser):
         culprit = next((line for line in lines if "not accepted" in line or "does not exist" in line), None)
         where = next((line for line in lines if line.startswith("- Problem with given class_path")), "")
         text = f"{culprit} ({where[2:].split(':')[0].strip()})" if culprit and where else (culprit or (lines[0] if lines else "bad arguments"))
+        if text.endswith(":") and len(lines) > 1:  # 'Parser key "lr":' then the reason on the next line
+            text = f"{text} {lines[lines.index(text) + 1] if text in lines else lines[1]}"
         sys.stderr.write(f"fineregion-pl: error: {text}; see --help\n")
         raise SystemExit(2)
 

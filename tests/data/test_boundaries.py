@@ -10,7 +10,7 @@ import re
 import warnings
 
 import pytest
-from convert_helpers import load_converter
+from convert_helpers import REPO, load_converter
 from PIL import Image
 
 from fineregion_pl import RegionDataModule
@@ -145,3 +145,16 @@ def test_a_split_file_whose_values_are_not_lists_is_one_line(tmp_path):
     (tmp_path / "split.json").write_text('{"train": 5}')
     with pytest.raises(BadInputError, match="split 'train': expected a list"):
         load_converter("visual_genome").read_split_file(tmp_path / "split.json")
+
+
+@pytest.mark.parametrize("option, value, message", [("--model.init_args.lr", "0", "model.lr must be greater than 0, not 0.0"),
+                                                    ("--model.init_args.lr", "nan", 'Parser key "lr": Expected a'),
+                                                    ("--data.batch_size", "-1", "data.batch_size must be at least 1, not -1")])
+def test_options_out_of_range_on_the_command_line_are_one_line(synthetic_data, capsys, option, value, message):
+    from fineregion_pl.commands.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "quickstart" / "stage1.yaml"), "--data.data_dirs", f"[{synthetic_data}]", option, value])
+    assert exit_info.value.code in (1, 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fineregion-pl: error: ") and message in err[-1] and not any("Traceback" in line for line in err)
