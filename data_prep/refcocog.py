@@ -23,7 +23,6 @@ See ``data_prep/README.md`` for the output layout and the skip reasons.
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import sys
 from collections import defaultdict
@@ -40,6 +39,7 @@ from fineregion_pl.data.convert import (
     settings_from_args,
     write_shard_sets,
 )
+from fineregion_pl.data.schemas import CocoAnnotation, CocoCategory, CocoImage, ReferRef, check_list, read_json_file
 
 DEFAULT_SPLIT_BY = {"refcocog": "umd", "refcoco": "unc", "refcoco+": "unc"}
 SOURCES = {"refcocog": "refcocog", "refcoco": "refcoco", "refcoco+": "refcoco+"}
@@ -64,10 +64,13 @@ def load_refs(path: Path) -> list[dict]:
     """The refs of a refer-toolkit pickle (Python 2 pickles with non-ASCII text included). Trusted files only."""
     with open(path, "rb") as f:
         try:
-            refs = pickle.load(f)
-        except UnicodeDecodeError:
-            f.seek(0)
-            refs = _redecode(pickle.load(f, encoding="latin1"))
+            try:
+                refs = pickle.load(f)
+            except UnicodeDecodeError:
+                f.seek(0)
+                refs = _redecode(pickle.load(f, encoding="latin1"))
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as err:
+            raise InputError(f"{path}: not a readable refs pickle ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'truncated'})") from None
     if not isinstance(refs, list):
         raise InputError(f"{path}: expected a list of refs, found {type(refs).__name__}")
     return refs
@@ -75,7 +78,11 @@ def load_refs(path: Path) -> list[dict]:
 
 def load_instances(path: Path) -> dict:
     """``instances.json`` as ``{"annotations": {id: ann}, "images": {id: image}, "categories": [sorted by id]}``."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = read_json_file(path, "instances file")
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a COCO object with images, annotations and categories, found {type(data).__name__}")
+    for key, model in (("images", CocoImage), ("annotations", CocoAnnotation), ("categories", CocoCategory)):
+        check_list(model, data.get(key, []), f"{path}: {key}", key.rstrip("s").replace("categorie", "category"))
     return {
         "annotations": {a["id"]: a for a in data.get("annotations", [])},
         "images": {i["id"]: i for i in data.get("images", [])},
@@ -165,7 +172,7 @@ def convert(args: argparse.Namespace) -> tuple[str, dict[str, dict], None]:
         raise InputError(f"--coco-images {args.coco_images} is not a folder (want the COCO train2014 images)")
     instances = load_instances(instances_path)
     log = SkipLog(settings.strict)
-    refs = load_refs(refs_path)
+    refs = check_list(ReferRef, load_refs(refs_path), str(refs_path), "ref")
     jobs = build_jobs(refs, instances, Path(args.coco_images), refs_path.name, SPLITS[split_by], log)
     extra = {"dataset": args.dataset, "split_by": split_by, "num_refs_in_file": len(refs),
              "source_files": [str(refs_path), str(instances_path)]}

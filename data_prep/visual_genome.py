@@ -46,20 +46,23 @@ from fineregion_pl.data.convert import (
     settings_from_args,
     write_shard_sets,
 )
+from fineregion_pl.data.schemas import VgImage, VgObjectEntry, VgRegionEntry, VgRelationshipEntry, check_list, check_split_file, read_json_file
 
 SPLITS = ("train", "val", "test")
 IMAGE_FOLDERS = ("VG_100K", "VG_100K_2")
 QUESTION = "what is the relation of the {subject} to the {object}?"
 
 
+SCHEMAS = {"image data": VgImage, "region descriptions": VgRegionEntry, "objects": VgObjectEntry, "relationships": VgRelationshipEntry}
+
+
 def load_json(path: Path, what: str) -> Any:
-    """A JSON file, with a one-line error naming it when it is missing or broken."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path} not found (the {what}); give --vg-root or the file's own flag") from None
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path} is not valid JSON ({error})") from None
+    """A JSON file, with a one-line error naming it when it is missing or broken, or (for the four
+    annotation files) when it is not a list of entries of the right shape (``data/schemas.py``)."""
+    if not Path(path).is_file():
+        raise InputError(f"{path} not found (the {what}); give --vg-root or the file's own flag")
+    data = read_json_file(path, what)
+    return check_list(SCHEMAS[what], data, str(path)) if what in SCHEMAS else data
 
 
 def as_image_id(value: Any) -> Any:
@@ -171,9 +174,7 @@ def image_files(vg_root: Path, image_id: Any, info: Optional[dict]) -> list[list
 
 def read_split_file(path: Path) -> dict[str, str]:
     """Image id (as a string) -> split, from a ``{"train": [ids], ...}`` file; an id in two splits is an error."""
-    data = load_json(path, "split file")
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected {{\"train\": [image ids], \"val\": [...], \"test\": [...]}}")
+    data = check_split_file(load_json(path, "split file"), str(path))
     assigned: dict[str, str] = {}
     for split, ids in data.items():
         for image_id in ids:

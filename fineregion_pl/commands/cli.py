@@ -19,6 +19,7 @@ from fineregion_pl.train.cli import LIGHTNING_VERBS, run_lightning
 def _plain_verbs() -> dict[str, tuple[Callable, str]]:
     from fineregion_pl.commands.ablations import ablations
     from fineregion_pl.commands.convert_zero import convert_zero
+    from fineregion_pl.commands.data_check import data_verbs
     from fineregion_pl.commands.demo import demo
     from fineregion_pl.commands.detect import detect
     from fineregion_pl.commands.evaluate import evaluate
@@ -37,6 +38,7 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
         "serve": (serve, "an HTTP inference server (LitServe): an image with boxes or detections in, a caption per region out, batched across clients"),
         "detect": (detect, "boxes for every object of a folder of images from a torchvision detector, as a COCO results file for predict"),
         "evaluate": (evaluate, "score a predictions file (ours, GLaMM's, Osprey's, Groma's, GRiT's) against a published annotation file, by a named protocol"),
+        "data": (data_verbs(), "data check DIR: validate a shard set (decodes, boxes, categories, manifest counts) before training"),
         "ablations": (ablations, "Table 1 (methods) and Table 2 (ablations) on the synthetic benchmark, over seeds"),
         "rate": ({"prepare": prepare, "serve": rate_serve, "report": report}, "human evaluation (Table 3): prepare a blinded study, serve its rating page, report means, CIs, agreement"),
     }
@@ -59,6 +61,17 @@ def lost_peer(error: BaseException) -> bool:
         return True
     text = str(error)
     return any(sign in text for sign in _LOST_PEER_SIGNS) or ("gloo" in text.lower() and "Timed out" in text)
+
+
+def wrapped_error(error: BaseException) -> FineRegionError | None:
+    """The package's own error among the causes of ``error`` (``__cause__``/``__context__``), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, FineRegionError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _usage(plain: dict[str, tuple[Callable, str]]) -> str:
@@ -90,8 +103,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     except FineRegionError as err:
         print(f"fineregion-pl: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    except RuntimeError as err:
-        if not lost_peer(err):
+    except Exception as err:  # noqa: BLE001 - ours inside a library's wrapper (jsonargparse instantiating a class_path) is still one line
+        ours = wrapped_error(err)
+        if ours is not None:
+            print(f"fineregion-pl: error: {ours}", file=sys.stderr)
+            raise SystemExit(1) from None
+        if not isinstance(err, RuntimeError) or not lost_peer(err):
             raise
         traceback.print_exc()  # the whole story in the log; the summary is the last line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

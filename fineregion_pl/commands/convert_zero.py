@@ -33,7 +33,8 @@ DEEPSPEED_KEYS = frozenset({
 })
 
 
-def convert_zero(*, ckpt_dir: str, out: str, init_from: Optional[str] = None, model_class: Optional[str] = None, seed: int = 0) -> Path:
+def convert_zero(*, ckpt_dir: str, out: str, init_from: Optional[str] = None, model_class: Optional[str] = None, seed: int = 0,
+                 trust_pickle: bool = False) -> Path:
     """Convert a DeepSpeed (ZeRO-2/3) checkpoint folder into one Lightning checkpoint file.
 
     Weights are gathered from every rank's shard in fp32 (Lightning's
@@ -53,6 +54,10 @@ def convert_zero(*, ckpt_dir: str, out: str, init_from: Optional[str] = None, mo
             hyper-parameters, else ``Stage2Module`` when there is a ``language_model``, else ``Stage1Module``).
         seed: the run's ``seed_everything``: frozen weights that were randomly initialised (a
             frozen stage of an encoder trained without pretrained weights) are rebuilt with it.
+        trust_pickle: DeepSpeed's reader unpickles its files in full (``weights_only=False``),
+            which runs any code a crafted file names. Without this flag every file of the folder is
+            first read with ``weights_only=True``, and a file that needs more is refused, naming it
+            and what it needs; give ``--trust_pickle true`` only for a folder your own runs wrote.
 
     Returns:
         The path of the written checkpoint.
@@ -68,6 +73,8 @@ def convert_zero(*, ckpt_dir: str, out: str, init_from: Optional[str] = None, mo
             f"convert-zero: {ckpt_dir} is {what}: expected the folder a DeepSpeed run saved, holding a 'latest' file "
             f"and the tag folder it names (e.g. runs/stage2/checkpoints/last.ckpt/)"
         )
+    if not trust_pickle:
+        _check_safe_pickles(source)
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = convert_zero_checkpoint_to_fp32_state_dict(str(source), str(target))
@@ -83,6 +90,21 @@ def convert_zero(*, ckpt_dir: str, out: str, init_from: Optional[str] = None, mo
     _save_plain(checkpoint, target)
     print(f"convert-zero: wrote {target} ({len(state)} tensors, {len(filled)} frozen filled in from the module's sources)")
     return target
+
+
+def _check_safe_pickles(source: Path) -> None:
+    """Refuse a folder with a file that ``torch.load(weights_only=True)`` will not read (it names
+    Python objects beyond tensors and plain values, so reading it in full could run code)."""
+    tag = (source / "latest").read_text(encoding="utf-8").strip()
+    for path in sorted((source / tag).rglob("*.pt")) if (source / tag).is_dir() else []:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError
+            needs = str(err).split("Unsupported global:")[-1].strip().splitlines()[0][:120] if "Unsupported global" in str(err) else str(err).splitlines()[0][:120]
+            raise BadInputError(
+                f"convert-zero: {path} cannot be read safely (weights_only=True: {needs}); DeepSpeed reads it with full unpickling, "
+                "which runs any code a crafted file holds: pass --trust_pickle true only if your own run wrote this folder"
+            ) from None
 
 
 def _module_class(hparams: dict[str, Any], model_class: Optional[str]) -> type:

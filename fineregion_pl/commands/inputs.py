@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from fineregion_pl.model.boxes import check_box
 from fineregion_pl.model.errors import BadInputError
+from fineregion_pl.model.images import as_rgb
 
 NO_MODEL = "no model is loaded: start with --ckpt_path STAGE2.ckpt or --export_dir EXPORT_FOLDER"
 IMAGE_HINT = "use a PNG, JPEG, GIF, BMP, TIFF or WebP file"
@@ -70,7 +71,7 @@ def read_image(data: Optional[bytes], max_pixels: int) -> Image.Image:
             if width * height > max_pixels:
                 raise BadInputError(f"the image is too large: {width}x{height} pixels (at most {max_pixels:,} pixels)")
             opened.load()
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+            image = as_rgb(opened, "the image")  # the one reader of every front door (EXIF, 16-bit, palette, alpha, CMYK)
     except BadInputError:
         raise
     except Image.DecompressionBombError as err:  # PIL refuses to open it at all: more than twice its own pixel limit

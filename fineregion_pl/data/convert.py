@@ -56,6 +56,7 @@ from tqdm import tqdm
 from fineregion_pl.data.shards import MANIFEST, encode_sample, shard_writer, write_json_atomic
 from fineregion_pl.model.boxes import four_numbers
 from fineregion_pl.model.errors import BadInputError
+from fineregion_pl.model.images import as_rgb, has_orientation
 from fineregion_pl.model.transforms import scale_segmentation
 
 FORMAT_VERSION = 1
@@ -222,17 +223,18 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def stored_image(image: Image.Image, data: bytes, max_side: Optional[int], quality: int) -> tuple[bytes, int, int]:
-    """The JPEG bytes to store and their size: the original bytes when they are a JPEG that fits ``max_side``.
+    """The JPEG bytes to store and their size: the original bytes when they are an RGB or grey JPEG
+    without an EXIF orientation tag that fits ``max_side``.
 
     Otherwise the image is resized so its longer side is ``max_side`` (bicubic) and re-encoded as
     an RGB JPEG of ``quality``; the same input gives the same bytes.
     """
     w, h = image.size
     scale = max_side / max(w, h) if max_side and max(w, h) > max_side else 1.0
-    if scale == 1.0 and image.format == "JPEG":
+    if scale == 1.0 and image.format == "JPEG" and image.mode in ("RGB", "L") and not has_orientation(image):
         return data, w, h
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    image = image.convert("RGB")
+    image = as_rgb(image, orientation=False)  # 16-bit, palette, alpha, CMYK as every reader does; no EXIF tag kept
     if size != (w, h):
         image = image.resize(size, Image.BICUBIC)
     buf = io.BytesIO()

@@ -36,6 +36,7 @@ from fineregion_pl.data.protocol_data import ProtocolRun, ProtocolStream, collat
 from fineregion_pl.data.protocols import ProtocolName
 from fineregion_pl.data.shards import read_manifest, split_shards
 from fineregion_pl.lightning_private import batches_read_this_epoch
+from fineregion_pl.model.schemas import check_options
 from fineregion_pl.model.transforms import collate_regions, to_region_sample
 
 # Lightning warns about any IterableDataset with a length and several workers; this stream splits
@@ -50,11 +51,36 @@ def _worker_slot() -> tuple[int, int]:
 
 def skip_bad_sample(error: Exception) -> bool:
     """webdataset error handler: skip the sample, with one warning naming it and its shard."""
+    if isinstance(error, BadInputError):  # ours: the message already names the sample, its shard and the field
+        warnings.warn(f"skipped {error}", stacklevel=2)
+        return True
     key, url = getattr(error, "key", None), getattr(error, "url", None)
     cause = error.__cause__ or error.__context__ or error
     where = f"sample {key!r} of {url}" if key or url else "a sample"
     warnings.warn(f"skipped {where}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else 'cannot decode'}", stacklevel=2)
     return True
+
+
+def _decoded_sample(sample: dict) -> dict:
+    """A tar sample with its JSON record checked (:class:`~fineregion_pl.data.schemas.ShardRecord`:
+    a wrong-typed box or category is a skip naming the sample and field, not a crash downstream)
+    and parsed, and its image read by :func:`~fineregion_pl.model.images.as_rgb`, as at every front door."""
+    import json
+
+    from fineregion_pl.data.schemas import check_record
+    from fineregion_pl.model.images import as_rgb
+
+    where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')}"
+    try:
+        record = json.loads(sample["json"])
+    except (KeyError, ValueError, UnicodeDecodeError) as err:
+        raise BadInputError(f"{where}: no readable JSON record ({err})") from None
+    check_record(record, where)
+    out = {**sample, "json": record}
+    for ext in ("jpg", "jpeg", "png"):
+        if ext in out:
+            out[ext] = as_rgb(out[ext], where)
+    return out
 
 
 def _samples(shards: list[str], stream: RegionBatchStream, rng: random.Random, category_map: Optional[list[int]] = None) -> Iterator:
@@ -68,7 +94,7 @@ def _samples(shards: list[str], stream: RegionBatchStream, rng: random.Random, c
     if stream.train:
         stages.append(wds.shuffle(stream.shuffle_buffer, initial=min(100, stream.shuffle_buffer), rng=rng))
     stages += [
-        wds.decode("pil", handler=skip_bad_sample),
+        wds.map(_decoded_sample, handler=skip_bad_sample),
         wds.to_tuple("jpg;png;jpeg", "json", handler=skip_bad_sample),
         wds.map(lambda s: to_region_sample(s[0], s[1], stream.image_size, stream.max_regions, stream.train, rng, category_map)),
     ]
@@ -243,6 +269,8 @@ class RegionDataModule(L.LightningDataModule):
         densecap_map: ``vg-densecap`` also computes DenseCap mAP (needs Java for METEOR).
         score_without_java: score captions without Java (no PTB tokenizer, no METEOR); the results
             card labels such numbers as not comparable with published ones.
+        predict_max_regions: most boxes one image of ``predict_boxes`` may have (default 1000); an
+            image with more is an error naming it, never a silent cut.
     """
 
     def __init__(
@@ -271,8 +299,11 @@ class RegionDataModule(L.LightningDataModule):
         proposals: Optional[str] = None,
         densecap_map: bool = False,
         score_without_java: bool = False,
+        predict_max_regions: int = 1000,
     ):
         super().__init__()
+        check_options("data", batch_size=(batch_size, ">=1"), eval_batch_size=(eval_batch_size, ">=1"), num_workers=(num_workers, ">=0"),
+                      max_regions=(max_regions, ">=1"), predict_max_regions=(predict_max_regions, ">=1"), shuffle_buffer=(shuffle_buffer, ">=1"), image_size=(image_size, ">=1"))
         self.save_hyperparameters()
         self.data_dirs = [str(d) for d in data_dirs]
         self.protocol_run: Optional[ProtocolRun] = None
@@ -387,7 +418,7 @@ class RegionDataModule(L.LightningDataModule):
         if self.hparams.predict_boxes or self.hparams.predict_images:
             if not (self.hparams.predict_boxes and self.hparams.predict_images):
                 raise BadInputError("give both data.predict_images (a folder) and data.predict_boxes (a JSON/JSONL file)")
-            dataset = ImageBoxesDataset(self.hparams.predict_images, self.hparams.predict_boxes, self.hparams.image_size,
+            dataset = ImageBoxesDataset(self.hparams.predict_images, self.hparams.predict_boxes, self.hparams.image_size, self.hparams.predict_max_regions,
                                         score_threshold=self.hparams.predict_score_threshold, top_k=self.hparams.predict_top_k)
             batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
             return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_user_regions, num_workers=self.hparams.num_workers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +15,26 @@ PALETTE = [
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
     (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 225, 25), (128, 0, 0),
 ]
+
+
+def picture_name(image_id: object, used: set[str]) -> str:
+    """A file name for the picture of ``image_id`` that no other image of the run gets.
+
+    The whole id is kept (so ``x.jpg`` and ``x.png`` give ``x.jpg.png`` and ``x.png.png``);
+    characters unsafe in a file name become ``_`` and then a short hash of the id is added
+    (``a b.jpg`` -> ``a_b.jpg-<8 hex>.png``, never ``a_b.jpg``'s name); a name already in ``used``
+    (the same id twice) gets ``-2``, ``-3``... ``used`` is updated.
+    """
+    text = str(image_id)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip(".") or "image"
+    if safe != text:
+        safe += "-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+    name, number = f"{safe}.png", 1
+    while name in used:
+        number += 1
+        name = f"{safe}-{number}.png"
+    used.add(name)
+    return name
 
 
 def model_input_to_image(image: torch.Tensor, scale: float, size: Sequence[int]) -> Image.Image:

@@ -16,7 +16,10 @@ The boxes file is JSON or JSONL, in pixels of the original images, in one of two
 A malformed box or mask (not four finite numbers, ``x1 <= x0`` or ``y1 <= y0``, outside its image,
 an RLE of another size) stops the run before the model runs, with one line naming the file, the
 image and the region. An image that is missing, unreadable or larger than ``max_pixels`` is
-skipped with one warning line naming it, and counted.
+skipped with one warning line naming it, and counted (a truncated image found only when decoding
+too, by the prediction writer's summary). Boxes are in the pixels of the upright image (EXIF
+orientation applied, as the demo shows it); an image named twice, or with more than
+``max_regions`` regions, is an error.
 """
 
 from __future__ import annotations
@@ -29,20 +32,17 @@ from typing import Any, Optional
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from fineregion_pl.data.json_files import read_json_file
+from fineregion_pl.data.schemas import boxes_entries, read_json_file
 from fineregion_pl.model.boxes import check_box
 from fineregion_pl.model.detections import check_segmentation, regions_from_detections
 from fineregion_pl.model.errors import BadInputError
-from fineregion_pl.model.transforms import RegionSample, collate_regions, to_region_sample
+from fineregion_pl.model.images import as_rgb, upright_size
+from fineregion_pl.model.transforms import RegionSample, collate_present, to_region_sample
 
 
-def _image_entries(path: Path) -> list[dict]:
-    data = read_json_file(path, "boxes file")
-    if isinstance(data, dict):
-        return [{"image": name, "boxes": boxes} for name, boxes in data.items()]
-    if isinstance(data, list):
-        return data
-    raise BadInputError(f"{path}: expected a JSON object or list, got {type(data).__name__}")
+def _image_entries(path: Path) -> Any:
+    """The parsed boxes file: a JSON value, or the list of a JSONL file's lines (validated by the caller)."""
+    return read_json_file(path, "boxes file")
 
 
 def is_coco_results(entries: list) -> bool:
@@ -75,20 +75,15 @@ def read_boxes_file(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise BadInputError(f"boxes file not found: {path}")
     entries = _image_entries(path)
-    if is_coco_results(entries):
+    if isinstance(entries, list) and is_coco_results(entries):
         return _coco_records(path, entries)
     records = []
-    for number, entry in enumerate(entries, 1):
-        if not isinstance(entry, dict) or "image" not in entry:
-            raise BadInputError(f"{path}: entry {number} has no 'image' key")
-        name = str(entry["image"])
-        boxes = entry.get("boxes", [])
-        if not isinstance(boxes, list):
-            raise BadInputError(f"{path}: image {name!r}: 'boxes' is not a list")
-        ids = entry.get("ids") or list(range(len(boxes)))
+    for entry in boxes_entries(_image_entries(path), path):
+        name, boxes = entry.image, entry.boxes
+        ids = entry.ids if entry.ids is not None else list(range(len(boxes)))
         if len(ids) != len(boxes):
             raise BadInputError(f"{path}: image {name!r} has {len(boxes)} boxes but {len(ids)} ids")
-        masks = entry.get("masks") or [None] * len(boxes)
+        masks = entry.masks or [None] * len(boxes)
         if not isinstance(masks, list) or len(masks) != len(boxes):
             raise BadInputError(f"{path}: image {name!r} has {len(boxes)} boxes but 'masks' is not a list of {len(boxes)} (null for no mask)")
         checked = [check_box(b, f"{path}: image {name!r} region {rid}") for b, rid in zip(boxes, ids)]
@@ -109,10 +104,12 @@ def image_ids_of_folder(folder: Path) -> dict[str, list[str]]:
     return names
 
 
-def collate_user_regions(samples: list[RegionSample]) -> dict[str, Any]:
-    """:func:`~fineregion_pl.model.transforms.collate_regions`, with the user's masks pooled."""
-    batch = collate_regions(samples)
-    batch["pool_segmentations"] = True
+def collate_user_regions(samples: list[Optional[RegionSample]]) -> Optional[dict[str, Any]]:
+    """:func:`~fineregion_pl.model.transforms.collate_present` (images that would not decode left
+    out; ``None`` when all were), with the user's masks pooled."""
+    batch = collate_present(samples)
+    if batch is not None:
+        batch["pool_segmentations"] = True
     return batch
 
 
@@ -169,6 +166,9 @@ class ImageBoxesDataset(Dataset):
             else:
                 regions = [{"id": rid, "box": box, "segmentation": check_segmentation(mask, size[0], size[1], f"{where} region {rid}")}
                            for rid, box, mask in zip(record["ids"], record["boxes"], record["masks"])]
+            if len(regions) > max_regions:
+                raise BadInputError(f"{where} has {len(regions)} regions, more than max_regions={max_regions} "
+                                    "(--data.predict_max_regions): raise it or split the image's boxes")
             for region in regions:
                 region["box"] = self._inside(record["image"], region["id"], region["box"], size, box_tolerance)
             self.records.append({"image": record["image"], "size": size, "regions": regions})
@@ -193,7 +193,7 @@ class ImageBoxesDataset(Dataset):
             return None
         try:
             with Image.open(path) as probe:
-                size = probe.size
+                size = upright_size(probe)
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
             self._skip("unreadable_image", f"skipped image {path}: unreadable ({str(err).splitlines()[0]})")
             return None
@@ -212,14 +212,16 @@ class ImageBoxesDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> RegionSample:
+    def __getitem__(self, index: int) -> Optional[RegionSample]:
+        """The image's sample, or ``None`` (with a warning naming it) when its pixel data is broken
+        (a truncated file passes the header probe); the prediction writer counts it as skipped."""
         record = self.records[index]
         path = self.image_dir / record["image"]
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, UnidentifiedImageError) as err:  # probed fine but the pixel data is broken
-            raise BadInputError(f"image {path} cannot be decoded: {str(err).splitlines()[0]}") from None
+            image = as_rgb(path, "image")
+        except BadInputError as err:
+            warnings.warn(f"skipped image {path}: unreadable ({str(err).split(': ', 1)[-1]})", stacklevel=2)
+            return None
         width, height = record["size"]
         meta = {"image_id": record["image"], "width": width, "height": height, "regions": record["regions"]}
         return to_region_sample(image, meta, self.image_size, self.max_regions, train=False)

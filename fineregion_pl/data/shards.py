@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import webdataset as wds
 
+from fineregion_pl.model.errors import BadInputError
+
 MANIFEST = "manifest.json"
 
 
@@ -60,10 +62,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def read_manifest(split_dir: Path) -> dict:
     """The manifest of one split folder, with a clear error when it is missing."""
+    from fineregion_pl.data.schemas import read_manifest_file
+
     path = Path(split_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no shard manifest at {path}: make the shards first (see data_prep/ or `fineregion-pl quickstart`)")
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise BadInputError(f"no shard manifest at {path}: make the shards first (see data_prep/ or `fineregion-pl quickstart`)")
+    return read_manifest_file(path)
 
 
 def split_shards(root: Path, split: str, manifest: Optional[dict] = None) -> list[str]:
@@ -73,5 +77,5 @@ def split_shards(root: Path, split: str, manifest: Optional[dict] = None) -> lis
     shards = [str(split_dir / name) for name in manifest["shards"]]
     missing = [s for s in shards if not os.path.exists(s)]
     if missing:
-        raise FileNotFoundError(f"{split_dir / MANIFEST} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}")
+        raise BadInputError(f"{split_dir / MANIFEST} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}")
     return shards

@@ -6,6 +6,7 @@ Every function is pure and batched: ``boxes`` is ``(..., 4)`` with ``x0, y0, x1,
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,15 +84,30 @@ def check_box(box: Any, where: str) -> list[float]:
     return values
 
 
+def box_list(boxes: Any, where: str) -> list[Any]:
+    """A user's boxes of one image as a list of rows: a list/tuple of boxes, or an ``(n, 4)``
+    numpy array or tensor (``.tolist()``); each row is checked later by :func:`check_box`.
+    ``None``, a string or a bare number is a one-line :class:`BadInputError` naming ``where``."""
+    if hasattr(boxes, "tolist") and not isinstance(boxes, (list, tuple)):
+        boxes = boxes.tolist()
+        if boxes and not isinstance(boxes[0], list):  # one flat box of shape (4,)
+            raise BadInputError(f"{where}: boxes must be a list of [x0, y0, x1, y1] (shape (n, 4)), got one flat box {boxes!r}")
+    if isinstance(boxes, (str, bytes)) or not isinstance(boxes, (list, tuple)):
+        raise BadInputError(f"{where}: boxes must be a list of [x0, y0, x1, y1], an (n, 4) array or tensor, not {type(boxes).__name__}")
+    return list(boxes)
+
+
 def four_numbers(box: Any) -> tuple[list[float], str]:
     """``(values, "")`` for a list/tuple of four finite numbers, else ``([], problem)`` where
-    ``problem`` completes "region 3 ..." (``is not four numbers`` / ``has a non-finite value``)."""
+    ``problem`` completes "region 3 ..." (``is not four numbers`` / ``has a non-finite value``).
+
+    Only real numbers count (ints, floats, numpy scalars; not ``bool``): a string such as ``"5"``
+    is never read as a coordinate, and ``"5599"`` is not four digits of a box."""
     if isinstance(box, (str, bytes)) or not isinstance(box, Sequence) or len(box) != 4:
         return [], "is not four numbers"
-    try:
-        values = [float(v) for v in box]
-    except (TypeError, ValueError):
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in box):
         return [], "is not four numbers"
+    values = [float(v) for v in box]
     if not all(math.isfinite(v) for v in values):
         return [], "has a non-finite value"
     return values, ""

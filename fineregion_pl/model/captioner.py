@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,12 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fineregion_pl.model.boxes import box_geometry, check_box, sanitize_boxes
+from fineregion_pl.model.boxes import box_geometry, box_list, check_box, sanitize_boxes
 from fineregion_pl.model.checkpoint_files import check_weights_fit, read_checkpoint
 from fineregion_pl.model.config import as_config
 from fineregion_pl.model.dynamic_masking import DynamicMasking, MaskingMode
 from fineregion_pl.model.encoder import EncoderConfig, whole_image_boxes
 from fineregion_pl.model.errors import BadInputError
+from fineregion_pl.model.fingerprint import check_fingerprint
+from fineregion_pl.model.images import as_rgb
 from fineregion_pl.model.language_model import LanguageModelConfig, LoraSettings, RegionLanguageModel
 from fineregion_pl.model.losses import consistency_loss, mask_loss
 from fineregion_pl.model.region_prompt import PromptMode, RegionPrompt
@@ -312,8 +315,11 @@ class RegionCaptioner(nn.Module):
         """Captions for the boxes of several PIL images, all regions in one batch.
 
         Args:
-            images: PIL images.
-            boxes: per image, its boxes ``[x0, y0, x1, y1]`` in that image's pixels.
+            images: PIL images, numpy arrays (``(H, W[, 3|4])``) or tensors (``(3, H, W)``), paths
+                or bytes, all read by :func:`fineregion_pl.model.images.as_rgb` (EXIF orientation,
+                16-bit, palette, alpha, CMYK handled as at every front door).
+            boxes: per image, its boxes ``[x0, y0, x1, y1]`` in that image's (upright) pixels, as
+                lists or an ``(n, 4)`` array/tensor.
             ids: per image, its region ids (default 0, 1, ...).
             masks: per image, per region a COCO segmentation (RLE of the image's size, or polygons
                 in its pixels) or None; a region with a mask is pooled over the mask, not its box.
@@ -325,8 +331,14 @@ class RegionCaptioner(nn.Module):
         from fineregion_pl.model.detections import check_segmentation
         from fineregion_pl.model.transforms import collate_regions, to_region_sample
 
-        if len(images) != len(boxes):
-            raise BadInputError(f"got {len(images)} images but {len(boxes)} box lists")
+        if not isinstance(images, (list, tuple)):
+            raise BadInputError(f"images must be a list of images (describe() takes one), not {type(images).__name__}")
+        images = [as_rgb(image, f"image {index}") for index, image in enumerate(images)]
+        boxes = [box_list(b, f"image {index}") for index, b in enumerate(box_list(boxes, "boxes"))]
+        if ids is not None:
+            ids = [box_list(i, f"image {index} ids") for index, i in enumerate(box_list(ids, "ids"))]
+        if len(images) != len(boxes) or (ids is not None and len(ids) != len(images)):
+            raise BadInputError(f"got {len(images)} images but {len(boxes)} box lists" + (f" and {len(ids)} id lists" if ids is not None else ""))
         if masks is not None and len(masks) != len(images):
             raise BadInputError(f"got {len(images)} images but {len(masks)} mask lists")
         was_training = self.training
@@ -334,6 +346,8 @@ class RegionCaptioner(nn.Module):
         samples = []
         for index, (image, image_boxes) in enumerate(zip(images, boxes)):
             region_ids = list(ids[index]) if ids is not None else list(range(len(image_boxes)))
+            if len(region_ids) != len(image_boxes):
+                raise BadInputError(f"image {index} has {len(image_boxes)} boxes but {len(region_ids)} ids")
             image_masks = list(masks[index]) if masks is not None else [None] * len(image_boxes)
             if len(image_masks) != len(image_boxes):
                 raise BadInputError(f"image {index} has {len(image_boxes)} boxes but {len(image_masks)} masks")
@@ -341,7 +355,7 @@ class RegionCaptioner(nn.Module):
             regions = [{"id": rid, "box": b, "segmentation": check_segmentation(m, image.width, image.height, f"image {index} region {rid}")}
                        for rid, b, m in zip(region_ids, checked, image_masks)]
             record = {"image_id": index, "width": image.width, "height": image.height, "regions": regions}
-            samples.append(to_region_sample(image.convert("RGB"), record, self.image_size, max_regions=len(checked) or 1, train=False))
+            samples.append(to_region_sample(image, record, self.image_size, max_regions=len(checked) or 1, train=False))
         batch = collate_regions(samples)
         batch["pool_segmentations"] = masks is not None
         device = self.device
@@ -396,7 +410,7 @@ class RegionCaptioner(nn.Module):
         self.load_state_dict({**{k: own[k] for k in frozen - set(state)}, **state})
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", dtype: Optional[str] = None) -> RegionCaptioner:
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", dtype: Optional[str] = None, allow_other_base_lm: bool = False) -> RegionCaptioner:
         """A stage-2 Lightning checkpoint file (its base LM must be reachable at the saved path or hub name).
 
         Args:
@@ -404,6 +418,8 @@ class RegionCaptioner(nn.Module):
             device: where to run.
             dtype: load the base LM in this dtype instead of the checkpoint's ``language_model.dtype``
                 (whose ``auto`` is float32 here, outside a trainer).
+            allow_other_base_lm: load even when the base LM found at the saved path is not the one
+                the checkpoint records (its fingerprint differs); default: a one-line error.
         """
         checkpoint = read_checkpoint(path)
         hparams = checkpoint.get("hyper_parameters") or {}
@@ -413,6 +429,11 @@ class RegionCaptioner(nn.Module):
         if dtype is not None:
             config.language_model.dtype = dtype
         captioner = cls(config)
+        if captioner.frozen_language_keys():
+            note = check_fingerprint(checkpoint.get("frozen_lm_fingerprint"), config.language_model.name_or_path,
+                                     captioner.language.model, str(path), allow_other_base_lm)
+            if note:
+                warnings.warn(note, stacklevel=2)
         captioner.load_trained_weights(captioner_weights(checkpoint["state_dict"]), str(path))
         return captioner.eval().to(device)
 

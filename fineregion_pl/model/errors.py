@@ -24,8 +24,9 @@ class NonFiniteLossError(FineRegionError, FloatingPointError):
 def check_finite_loss(loss: Any, step: int, parts: dict[str, Any]) -> None:
     """Raise :class:`NonFiniteLossError` before a non-finite loss reaches backward and the weights.
 
-    Raising here means the optimizer never applies the bad step, and the checkpoint callback
-    (which runs after the step) never saves it: the last checkpoint on disk stays the last good one.
+    Raising here means the optimizer never applies the bad step. The weights a finite loss's step
+    produced can still be poisoned; ``train/callbacks.py: CheckpointGate`` checks them before any
+    checkpoint of them is written, so the last checkpoint on disk stays the last good one.
     """
     value = float(loss.detach())
     if math.isfinite(value):
@@ -35,3 +36,4 @@ def check_finite_loss(loss: Any, step: int, parts: dict[str, Any]) -> None:
         f"training loss is {value} at step {step} (non-finite: {', '.join(bad) or 'total'}); stopped before the "
         "optimizer step, so the last checkpoint on disk is the last good one: lower the learning rate or check the data"
     )
+

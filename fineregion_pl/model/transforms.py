@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -40,8 +41,11 @@ def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, float]:
     """Resize so the longer side is ``size``, pad right/bottom to ``size x size``, normalise.
 
     Returns the ``(3, size, size)`` tensor and the scale applied to the image (and so to boxes).
+    The image is read by :func:`fineregion_pl.model.images.as_rgb`, as at every front door.
     """
-    image = image.convert("RGB")
+    from fineregion_pl.model.images import as_rgb
+
+    image = as_rgb(image)
     w, h = image.size
     scale = size / max(w, h)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
@@ -111,6 +115,9 @@ def to_region_sample(
     rng = rng or random
     regions = [r for r in record.get("regions", []) if r.get("captions") or not train]
     if len(regions) > max_regions:
+        if not train:  # evaluation must not lose regions unseen: say how many and which option
+            warnings.warn(f"image {record.get('image_id')!r} has {len(regions)} regions: only the first {max_regions} are used "
+                          f"(max_regions={max_regions}; raise --data.max_regions to use them all)", stacklevel=2)
         regions = rng.sample(regions, max_regions) if train else regions[:max_regions]
     tensor, scale = letterbox(image, image_size)
     boxes = torch.tensor([r["box"] for r in regions], dtype=torch.float32).reshape(-1, 4) * scale
@@ -130,9 +137,16 @@ def to_region_sample(
         questions=list(record.get("questions", [])),
         image_id=record.get("image_id"),
         scale=scale,
-        size=(int(record.get("width", image.width)), int(record.get("height", image.height))),
+        size=(int(record.get("width") or image.width), int(record.get("height") or image.height)),
         segmentations=[letterbox_segmentation(r.get("segmentation"), scale, image_size) for r in regions],
     )
+
+
+def collate_present(samples: list[Optional[RegionSample]]) -> Optional[dict[str, Any]]:
+    """:func:`collate_regions` of the samples that are not ``None`` (images skipped when they would
+    not decode, already warned about and counted); ``None`` when the whole batch was skipped."""
+    kept = [s for s in samples if s is not None]
+    return collate_regions(kept) if kept else None
 
 
 def collate_regions(samples: list[RegionSample]) -> dict[str, Any]:

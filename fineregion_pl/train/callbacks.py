@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from lightning.fabric.utilities.throughput import Throughput
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_only
 
 from fineregion_pl.lightning_private import log_metrics, logs_this_step, training_clock_start
+from fineregion_pl.model.errors import NonFiniteLossError
 
 
 def images_in_batch(batch: dict[str, Any]) -> int:
@@ -113,3 +116,50 @@ class RegionThroughputMonitor(ThroughputMonitor):
         sep = self.separator
         metrics = {f"train{sep}device{sep}tokens_per_sec": rate, f"train{sep}tokens_per_sec": rate * trainer.world_size}
         log_metrics(trainer, metrics)  # as the parent logs its figures (same step)
+
+
+def _forward_outside_wrapper(trainer) -> bool:
+    """Whether the module's own forward works outside the strategy's wrapper: one device, DDP and
+    DeepSpeed ZeRO-1/2 (full weights on every rank), not FSDP or ZeRO-3 (sharded weights; there the
+    gate checks each rank's shard of the weights only)."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    strategy = trainer.strategy
+    return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not getattr(strategy, "zero_stage_3", False)
+
+
+class CheckpointGate(Callback):
+    """Keeps poisoned weights out of checkpoints: on every step a ``ModelCheckpoint`` is about to
+    save (``every_n_train_steps``), the weights the optimizer just produced are checked first,
+    finite themselves and giving a finite loss on the step's batch (one extra forward, in eval
+    mode, RNG states restored so the run is unchanged). Otherwise :class:`NonFiniteLossError` stops
+    the run before that checkpoint is written, on every rank at once.
+
+    The modules add it themselves (``configure_callbacks``); Lightning runs checkpoint callbacks
+    after all others, so it always comes first.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        periods = [cb._every_n_train_steps for cb in trainer.checkpoint_callbacks if getattr(cb, "_every_n_train_steps", 0)]
+        if not any(step % n == 0 for n in periods):
+            return
+        was_training = pl_module.training
+        states = (random.getstate(), np.random.get_state())
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                pl_module.eval()
+                finite = all(torch.isfinite(p).all() for p in pl_module.parameters() if p.requires_grad and p.numel() > 0)
+                if finite and _forward_outside_wrapper(trainer):
+                    finite = all(torch.isfinite(v).all() for v in pl_module.training_losses(batch).values())
+        finally:
+            pl_module.train(was_training)
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+        bad = trainer.strategy.reduce(torch.tensor(0.0 if finite else 1.0, device=pl_module.device), reduce_op="sum")
+        if float(bad) > 0:
+            raise NonFiniteLossError(
+                f"after the optimizer step of step {step - 1} the weights give a non-finite loss (or are non-finite) on "
+                f"{int(float(bad))} rank(s); stopped before the checkpoint of step {step} was written, so the last checkpoint on "
+                "disk is the last good one: lower the learning rate or clip gradients, then resume with --ckpt_path last"
+            )

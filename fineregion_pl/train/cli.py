@@ -25,6 +25,8 @@ class QuietParser(LightningArgumentParser):
         culprit = next((line for line in lines if "not accepted" in line or "does not exist" in line), None)
         where = next((line for line in lines if line.startswith("- Problem with given class_path")), "")
         text = f"{culprit} ({where[2:].split(':')[0].strip()})" if culprit and where else (culprit or (lines[0] if lines else "bad arguments"))
+        if text.endswith(":") and len(lines) > 1:  # 'Parser key "lr":' then the reason on the next line
+            text = f"{text} {lines[lines.index(text) + 1] if text in lines else lines[1]}"
         sys.stderr.write(f"fineregion-pl: error: {text}; see --help\n")
         raise SystemExit(2)
 
@@ -46,6 +48,13 @@ class FineRegionCLI(LightningCLI):
             run=run,
         )
 
+    def instantiate_trainer(self, **kwargs):
+        """Lightning's trainer, saving checkpoints atomically (:mod:`fineregion_pl.train.checkpoint_io`)."""
+        from fineregion_pl.train.checkpoint_io import use_atomic_checkpoints
+
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
 
     def add_arguments_to_parser(self, parser) -> None:
         from fineregion_pl.train.prediction_writer import RegionPredictionWriter

@@ -14,6 +14,7 @@ from fineregion_pl.model.dynamic_masking import DynamicMasking, MaskingMode
 from fineregion_pl.model.encoder import EncoderConfig
 from fineregion_pl.model.errors import BadInputError, check_finite_loss
 from fineregion_pl.model.losses import attention_inside, mask_loss
+from fineregion_pl.model.schemas import check_options
 from fineregion_pl.model.vision_model import RegionOutputs, RegionVisionModel
 from fineregion_pl.train.optim import adamw_with_schedule
 
@@ -56,6 +57,8 @@ class Stage1Module(L.LightningModule):
         warmup_steps: int = 50,
     ):
         super().__init__()
+        check_options("model", lr=(lr, ">0"), encoder_lr=(encoder_lr, ">=0"), weight_decay=(weight_decay, ">=0"), warmup_steps=(warmup_steps, ">=0"),
+                      mask_loss_weight=(mask_loss_weight, ">=0"), head_hidden=(head_hidden, ">=1"), attn_dim=(attn_dim, ">=1"))
         if not num_classes:
             raise BadInputError("Stage1Module needs `num_classes`: give data shards (`--data.data_dirs`) or `--model.num_classes`")
         self.save_hyperparameters()
@@ -85,6 +88,15 @@ class Stage1Module(L.LightningModule):
             "mask_loss": l_mask,
             "attn_inside": attention_inside(out.attn_logits, out.target_masks, out.region_valid).detach(),
         }
+
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The training loss terms of a batch with the current weights (``CheckpointGate`` checks them before a checkpoint)."""
+        return self._losses(batch, self(batch))
+
+    def configure_callbacks(self) -> list:
+        from fineregion_pl.train.callbacks import CheckpointGate
+
+        return [CheckpointGate()]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch)
@@ -117,6 +129,8 @@ class Stage1Module(L.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict]:
+        if batch is None:  # every image of the batch was skipped (counted by the prediction writer)
+            return []
         out = self(batch)
         probs = out.logits.softmax(-1)
         names = self.hparams.categories

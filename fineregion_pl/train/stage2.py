@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,8 +21,10 @@ from fineregion_pl.model.config import optional_config, plain_hparams
 from fineregion_pl.model.dynamic_masking import DynamicMasking, MaskingMode
 from fineregion_pl.model.encoder import EncoderConfig
 from fineregion_pl.model.errors import BadInputError, check_finite_loss
+from fineregion_pl.model.fingerprint import check_fingerprint, lm_fingerprint
 from fineregion_pl.model.language_model import LanguageModelConfig
 from fineregion_pl.model.region_prompt import PromptMode
+from fineregion_pl.model.schemas import check_options
 from fineregion_pl.train.optim import adamw_with_schedule
 
 
@@ -67,6 +70,8 @@ class Stage2Module(L.LightningModule):
         ignore_regions: evaluate with every box replaced by the whole image (the control that
             shows how much the captions depend on region information).
         results_dir: where ``test`` writes ``results.json`` (default: the logger's folder).
+        allow_other_base_lm: load a checkpoint whose recorded base-LM fingerprint differs from the
+            LM at ``language_model.name_or_path`` (default: that is an error; see ``model/fingerprint.py``).
     """
 
     def __init__(
@@ -101,8 +106,15 @@ class Stage2Module(L.LightningModule):
         generation_batch_size: int = 256,
         ignore_regions: bool = False,
         results_dir: Optional[str] = None,
+        allow_other_base_lm: bool = False,
     ):
         super().__init__()
+        check_options("model", lr=(lr, ">0"), lora_lr=(lora_lr, ">0"), encoder_lr=(encoder_lr, ">=0"), weight_decay=(weight_decay, ">=0"),
+                      warmup_steps=(warmup_steps, ">=0"), prompt_tokens=(prompt_tokens, ">=1"), prompt_hidden=(prompt_hidden, ">=1"),
+                      max_new_tokens=(max_new_tokens, ">=1"), num_beams=(num_beams, ">=1"), generation_batch_size=(generation_batch_size, ">=1"),
+                      **{name: (value, ">=0") for name, value in (("caption_weight", caption_weight), ("consistency_weight", consistency_weight),
+                         ("mask_loss_weight", mask_loss_weight), ("referring_weight", referring_weight), ("spatial_weight", spatial_weight),
+                         ("classification_weight", classification_weight))})
         self.save_hyperparameters()
         self.hparams.update(resolve_from_stage1(self.hparams))
         plain_hparams(self.hparams)
@@ -158,6 +170,15 @@ class Stage2Module(L.LightningModule):
         return {**terms, "loss": total}
 
     # ------------------------------------------------------------------ Lightning hooks
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The training loss terms of a batch with the current weights (``CheckpointGate`` checks them before a checkpoint)."""
+        return self.losses(batch)
+
+    def configure_callbacks(self) -> list:
+        from fineregion_pl.train.callbacks import CheckpointGate
+
+        return [CheckpointGate()]
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         language = self.model.language
         tokens_before = language.text_tokens
@@ -216,6 +237,8 @@ class Stage2Module(L.LightningModule):
         self.collector.write(results, out_dir, source, model, java)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict]:
+        if batch is None:  # every image of the batch was skipped (counted by the prediction writer)
+            return []
         return self.model.describe_batch(batch, ignore_regions=self.hparams.ignore_regions)
 
     # ------------------------------------------------------------------ optimisation and checkpoints
@@ -236,6 +259,8 @@ class Stage2Module(L.LightningModule):
         frozen = self.frozen_lm_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
         checkpoint["frozen_lm_from"] = self.hparams.language_model["name_or_path"]
+        if frozen:
+            checkpoint["frozen_lm_fingerprint"] = lm_fingerprint(checkpoint["frozen_lm_from"], self.model.language.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint fits, then fill in the frozen LM weights (loaded from the base LM)."""
@@ -246,6 +271,11 @@ class Stage2Module(L.LightningModule):
             check_weights_fit(own, state, "checkpoint", "this Stage2Module", may_miss=frozen)
         except BadInputError as err:
             raise BadInputError(f"{err} (a stage-1 checkpoint goes to `init_from`, not `ckpt_path`)") from None
+        if frozen - set(state):  # the frozen LM comes from name_or_path: is it the one trained on?
+            name = self.hparams.language_model["name_or_path"]
+            note = check_fingerprint(checkpoint.get("frozen_lm_fingerprint"), name, self.model.language.model, "the checkpoint", self.hparams.allow_other_base_lm)
+            if note:
+                warnings.warn(note, stacklevel=2)
         for key in frozen - set(state):
             state[key] = own[key]
         checkpoint["state_dict"] = state

@@ -91,7 +91,7 @@ def test_converted_zero_checkpoint_loads_into_stage2_with_the_trained_weights(ze
 
     converted = tmp_path / "stage2-fp32.ckpt"
     # the command line `fineregion-pl convert-zero` runs: the function through jsonargparse
-    assert auto_cli(convert_zero, args=["--ckpt_dir", str(zero2_run / "zero"), "--out", str(converted)]) == converted
+    assert auto_cli(convert_zero, args=["--ckpt_dir", str(zero2_run / "zero"), "--out", str(converted), "--trust_pickle", "true"]) == converted
 
     checkpoint = read_checkpoint(converted)  # torch.load(weights_only=True): only tensors and plain values
     assert not {"module", "optimizer", "ds_config", "param_shapes", "buffer_names"} & set(checkpoint)
@@ -106,7 +106,7 @@ def test_converted_zero_checkpoint_loads_into_stage2_with_the_trained_weights(ze
     heads = [k for k in stage1 if k.startswith("model.head.")]
     assert heads and all(torch.equal(state["model.vision." + k[len("model."):]], stage1[k]) for k in heads)
     with pytest.raises(ValueError, match="give --init_from PATH"):  # the stage-1 file moved: say what to do
-        convert_zero(ckpt_dir=str(zero2_run / "zero"), out=str(tmp_path / "other.ckpt"), init_from=str(tmp_path / "moved.ckpt"))
+        convert_zero(ckpt_dir=str(zero2_run / "zero"), out=str(tmp_path / "other.ckpt"), init_from=str(tmp_path / "moved.ckpt"), trust_pickle=True)
 
     captioner = RegionCaptioner.from_checkpoint(converted)
     loaded = dict(captioner.named_parameters())
@@ -194,7 +194,7 @@ def test_lightning_deepspeed_checkpoint_resumes_and_converts(synthetic_data, tin
     assert all(torch.equal(start4[k], end2[k]) for k in trained)  # resumed from the folder
     assert any(not torch.equal(end4[k], end2[k]) for k in trained)  # and trained on
 
-    converted = convert_zero(ckpt_dir=str(out / "checkpoints" / "step4.ckpt"), out=str(tmp_path / "step4.ckpt"))
+    converted = convert_zero(ckpt_dir=str(out / "checkpoints" / "step4.ckpt"), out=str(tmp_path / "step4.ckpt"), trust_pickle=True)
     checkpoint = read_checkpoint(converted)
     assert checkpoint["global_step"] == 4 and "loops" in checkpoint
     assert not any("base_layer" in k or "embed_tokens" in k for k in checkpoint["state_dict"])
@@ -212,7 +212,7 @@ def test_converted_stage1_zero_checkpoint_is_a_stage2_init_from(synthetic_data, 
     overlay["model"]["init_args"]["encoder"]["freeze_stages"] = 1
     cli_fit("--config", "configs/quickstart/stage1.yaml", "--config", str(write_yaml(tmp_path / "tiny.yaml", overlay)),
             "--config", str(cpu_deepspeed_config(tmp_path)))
-    converted = convert_zero(ckpt_dir=str(tmp_path / "run" / "checkpoints" / "step2.ckpt"), out=str(tmp_path / "stage1.ckpt"))
+    converted = convert_zero(ckpt_dir=str(tmp_path / "run" / "checkpoints" / "step2.ckpt"), out=str(tmp_path / "stage1.ckpt"), trust_pickle=True)
     state = read_checkpoint(converted)["state_dict"]
     end = torch.load(tmp_path / "dumps" / "rank0-end.pt", weights_only=True)
     assert state.keys() == end.keys()
@@ -290,7 +290,7 @@ def test_a_zero_checkpoint_of_a_tied_embedding_lm_holds_no_frozen_alias(syntheti
     saved = torch.load(folder / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     assert any(".lora_" in k for k in saved)
     assert not [k for k in saved if k.endswith(("lm_head.weight", "wte.weight", "wpe.weight"))]
-    converted = convert_zero(ckpt_dir=str(folder), out=str(tmp_path / "converted.ckpt"))
+    converted = convert_zero(ckpt_dir=str(folder), out=str(tmp_path / "converted.ckpt"), trust_pickle=True)
     assert any(".lora_" in k for k in read_checkpoint(converted)["state_dict"])
 
 

@@ -244,6 +244,61 @@ def test_ablation_array_runs_one_row_per_task(cluster, synthetic_data, tmp_path)
         assert f"task {task}: configs configs/quickstart/stage1.yaml" in (logs / f"ablation-{job}_{task}.out").read_text()
 
 
+def deterministic_stage1(run: Path, data: Path, extra_callbacks: list = ()) -> dict:
+    """A 12-step stage-1 run without randomness beyond the seeded data stream (as ``test_resume.py``),
+    checkpointing every 4 steps, written under ``run``."""
+    from conftest import TINY_BACKBONE_KWARGS
+
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(run / "checkpoints"), "filename": "step{step}", "auto_insert_metric_name": False,
+                                "every_n_train_steps": 4, "save_top_k": -1, "save_last": True}}
+    return {
+        "seed_everything": 0,
+        "trainer": {"max_steps": 12, "logger": False, "enable_progress_bar": False, "check_val_every_n_epoch": None, "val_check_interval": 12,
+                    "limit_val_batches": 1, "num_sanity_val_steps": 0, "default_root_dir": str(run), "callbacks": [checkpoint, *extra_callbacks]},
+        "model": {"class_path": "fineregion_pl.Stage1Module", "init_args": {
+            "encoder": {"feature_levels": [1, 2], "pretrained": False, "backbone_kwargs": dict(TINY_BACKBONE_KWARGS, drop_path_rate=0.0)},
+            "masking": "hard", "lr": 0.003, "warmup_steps": 2}},
+        "data": {"data_dirs": [str(data)], "image_size": 64, "batch_size": 4, "num_workers": 0},
+    }
+
+
+@pytest.mark.slow
+def test_a_requeued_job_resumes_and_ends_like_an_uninterrupted_one(cluster, synthetic_data, tmp_path):
+    """SIGUSR1 (what ``--signal=SIGUSR1@90`` sends before the time limit) mid-run: Lightning's SLURM
+    handler saves ``hpc_ckpt_1.ckpt`` and runs ``scontrol requeue``; the job starts again, resumes
+    from that checkpoint and ends with the weights of a job that was never interrupted."""
+    import torch
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    progress = tmp_path / "progress.txt"
+    slow = {"class_path": "step_progress.StepProgress", "init_args": {"path": str(progress), "seconds": 1.0}}
+    straight = write_yaml(tmp_path / "straight.yaml", deterministic_stage1(tmp_path / "straight", synthetic_data))
+    requeued = write_yaml(tmp_path / "requeued.yaml", deterministic_stage1(tmp_path / "requeued", synthetic_data, [slow]))
+    options = (*CPU_OPTIONS, "--ntasks-per-node=1")
+    first = cluster.sbatch("slurm/stage1.sbatch", *options, f"--output={logs}/straight-%j.out", env=job_env(CONFIG=str(straight), STRATEGY="none"))
+    assert cluster.wait(first, 400, log_of(logs)) == {first: "COMPLETED"}, [p.read_text()[-3000:] for p in log_of(logs)]
+
+    job = cluster.sbatch("slurm/stage1.sbatch", *options, f"--output={logs}/requeued-%j.out", env=job_env(CONFIG=str(requeued), STRATEGY="none"))
+    wait_for(lambda: progress.is_file() and progress.read_text().strip() not in ("", "0", "1", "2", "3", "4", "5"), 300,
+             "the job did not reach step 6", log_of(logs))
+    signalled = subprocess.run(["scancel", "--signal=USR1", job], env=cluster.env, capture_output=True, text=True, timeout=30)
+    assert signalled.returncode == 0, signalled.stderr
+    assert cluster.wait(job, 600, log_of(logs)) == {job: "COMPLETED"}, [p.read_text()[-3000:] for p in log_of(logs)]
+
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job], env=cluster.env, capture_output=True, text=True, timeout=30).stdout
+    assert "Restarts=1" in shown, shown
+    log = (logs / f"requeued-{job}.out").read_text()
+    assert "Handling auto-requeue signal" in log and "Restoring states from the checkpoint path" in log, log[-3000:]
+    hpc = torch.load(tmp_path / "requeued" / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert 6 <= hpc["global_step"] < 12
+    done = torch.load(tmp_path / "requeued" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    expected = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for key, value in expected.items():
+        torch.testing.assert_close(done[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def dry_run(script: str, **env: str) -> subprocess.CompletedProcess:
     """The command a script would start, without SLURM (DRY_RUN=1, allocation variables given)."""
     ours = ("FINEREGION_CPU", "CONFIG", "STRATEGY", "EXTRA_ARGS", "INIT_FROM", "ROWS", "SEEDS", "WORKDIR", "PYTHON")
