@@ -577,21 +577,26 @@ def single_process_memory(m: Stage2Measure, checkpointing: bool) -> dict:
 
 
 def one_process_prediction(s1: dict, s2: dict, datasets: list[Dataset], weights: list[float], num_classes: int, llm_name: str,
-                           padded_target: Optional[dict[str, int]] = None) -> dict:
+                           padded_target: Optional[dict[str, int]] = None, lightning_checkpoint_io: bool = False) -> dict:
     """Bytes one fp32 process with plain AdamW holds at its peak in a stage-2 step of ``s2``'s batch
     over ``datasets`` (what ``benchmarks/smoke_real_dims.py`` compares its measured peak with):
-    :func:`single_process_memory` of the measured step, plus the process itself."""
+    :func:`single_process_memory` of the measured step, plus the process itself; with
+    ``lightning_checkpoint_io`` (a Trainer not built by our CLI), plus the in-memory copy Lightning's
+    own checkpoint writer makes of a checkpoint (:func:`checkpoint_bytes`)."""
     batch = stage2_batch(s2, datasets, weights, llm_name, padded_target)
     m = measure_stage2(s1, s2, batch, num_classes, llm_name, torch.float32)
     checkpointing = bool(s2["model"]["init_args"]["language_model"].get("gradient_checkpointing"))
-    return {**single_process_memory(m, checkpointing), "process (Python, torch, the libraries)": PROCESS_BASELINE,
-            "checkpoint save buffer (host)": checkpoint_bytes(m)}
+    parts = {**single_process_memory(m, checkpointing), "process (Python, torch, the libraries)": PROCESS_BASELINE}
+    if lightning_checkpoint_io:
+        parts["checkpoint save buffer (Lightning's TorchCheckpointIO)"] = checkpoint_bytes(m)
+    return parts
 
 
 def checkpoint_bytes(m: Stage2Measure) -> float:
     """Bytes of a stage-2 checkpoint: every weight but the frozen base LM in fp32, and AdamW's two
-    moments of the trained ones. Lightning serialises a checkpoint into memory before it writes the
-    file (``_atomic_save``: a ``BytesIO``), so a save needs this much more host memory on rank 0."""
+    moments of the trained ones. Lightning's ``TorchCheckpointIO`` serialises a checkpoint into
+    memory before it writes the file (``_atomic_save``: a ``BytesIO``), so a save with it needs this
+    much more host memory on rank 0; our CLI's ``AtomicCheckpointIO`` writes straight to a file."""
     return (m.vision_total + m.prompt + m.lm_trainable) * 4 + m.trainable * 8
 
 
@@ -807,8 +812,9 @@ def single_process_section(f: Figures) -> list[str]:
               f"measured as above) + the fp32 logits of the largest call + {gb(CUDA_SLACK)} GB, an upper bound: the gradients are "
               "freed (`zero_grad(set_to_none=True)`) while the next forward builds its activations, and AdamW's foreach "
               "temporaries (about 4 bytes per trainable weight) come in the optimizer step, after the activations are freed.", "",
-              "Host memory for saves: Lightning serialises a checkpoint into memory before writing it (`_atomic_save`), so rank 0 "
-              "needs the checkpoint's size in host RAM on top of the process during each save: "
+              "Host memory for saves: the trainers our CLI builds write a checkpoint straight to a temporary file "
+              "(`AtomicCheckpointIO`); Lightning's own `TorchCheckpointIO` (a Trainer built elsewhere) serialises it into memory "
+              "first (`_atomic_save`), so rank 0 then needs the checkpoint's size in host RAM on top of the process during each save: "
               + ", ".join(f"{gb(checkpoint_bytes(m))} GB for `{name}`" for name, m in f.single.items())
               + " (every weight but the frozen base LM in fp32, and AdamW's moments; measured on the CPU by "
               "`benchmarks/smoke_real_dims.py`, see docs/scaling.md).", ""]

@@ -96,14 +96,14 @@ def synthetic_plan_inputs(batch_size: int) -> tuple[list, dict[str, int]]:
     return datasets, longest
 
 
-def plan_prediction(batch_size: int) -> dict[str, float]:
+def plan_prediction(batch_size: int, lightning_checkpoint_io: bool = False) -> dict[str, float]:
     """``benchmarks/plan.py``'s one-process fp32 peak (bytes by part) for the stage-2 recipe at the smoke's batch."""
     from benchmarks.plan import one_process_prediction, read_config
 
     s1, s2 = read_config(ROOT / "configs/stage1.yaml"), read_config(ROOT / "configs/stage2.yaml")
     s2["data"]["batch_size"] = batch_size
     datasets, longest = synthetic_plan_inputs(batch_size)
-    return one_process_prediction(s1, s2, datasets, [1.0, 1.0], 5, LLM, longest)
+    return one_process_prediction(s1, s2, datasets, [1.0, 1.0], 5, LLM, longest, lightning_checkpoint_io)
 
 
 def run_measured(argv: list[str], log: Path, cwd: Path, extra_env: dict[str, str] | None = None) -> dict[str, Any]:

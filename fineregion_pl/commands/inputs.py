@@ -112,6 +112,14 @@ def check_count(count: int, max_regions: int) -> None:
 _SEPARATORS = re.compile(r"[\s,;]+")
 
 
+def _typed_number(text: str) -> float | str:
+    """A number typed in a box field, or the text itself when it is not one (then refused by ``check_box``)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def parse_boxes(text: str, width: int, height: int, first: int = 1) -> list[list[float]]:
     """Boxes from text, one ``x0,y0,x1,y1`` per line (pixels of a ``width`` x ``height`` image).
 
@@ -126,10 +134,11 @@ def parse_boxes(text: str, width: int, height: int, first: int = 1) -> list[list
             continue
         where = f"box {first + len(boxes)} (line {number})"
         parts = [p for p in _SEPARATORS.split(line.strip("[]() \t")) if p]
-        try:
-            box = check_box(parts, where)
+        numbers = [_typed_number(p) for p in parts]
+        try:  # a typed box is text: its numbers are read here, explicitly (check_box never reads strings)
+            box = check_box(numbers, where)
         except BadInputError as err:
-            raise BadInputError(str(err).replace(f"{parts!r}", repr(line))) from None
+            raise BadInputError(str(err).replace(f"{numbers!r}", repr(line))) from None
         check_inside(box, where, width, height)
         boxes.append(box)
     return boxes

@@ -167,7 +167,7 @@ class ImageBoxesDataset(Dataset):
                 regions = [{"id": rid, "box": box, "segmentation": check_segmentation(mask, size[0], size[1], f"{where} region {rid}")}
                            for rid, box, mask in zip(record["ids"], record["boxes"], record["masks"])]
             if len(regions) > max_regions:
-                raise BadInputError(f"{where} has {len(regions)} regions, more than max_regions={max_regions} "
+                raise BadInputError(f"{where} has {len(regions)} boxes, more than max_regions={max_regions} "
                                     "(--data.predict_max_regions): raise it or split the image's boxes")
             for region in regions:
                 region["box"] = self._inside(record["image"], region["id"], region["box"], size, box_tolerance)
