@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from fineregion_pl.commands.rate.images import find_images, region_facts
-from fineregion_pl.commands.rate.sampling import file_sha256, join_regions, read_predictions, sample_regions, stratum_of
+from fineregion_pl.commands.rate.sampling import join_regions, read_predictions, sample_regions, stratum_of
 from fineregion_pl.commands.rate.store import Study, create_study
+from fineregion_pl.data.annotations import file_sha256
 from fineregion_pl.model.errors import BadInputError
 
 

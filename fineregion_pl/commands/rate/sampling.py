@@ -8,7 +8,6 @@ missing from some file is left out and counted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -61,15 +60,6 @@ def read_predictions(path: str | Path) -> dict[RegionKey, dict]:
     if not rows:
         raise BadInputError(f"{path} has no predictions")
     return rows
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, kept in the study so the report can name exactly what was rated."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def join_regions(files: Sequence[str | Path], tables: Sequence[dict[RegionKey, dict]]) -> tuple[list[RegionKey], int]:
