@@ -214,7 +214,7 @@ def print_plan_comparison(results: dict[str, Any], batch_size: int) -> None:
         return
     parts = plan_prediction(batch_size)
     total = sum(parts.values()) / 1e9
-    print(f"\nbenchmarks/plan.py, one fp32 process, stage 2 at this batch ({batch_size} images):")
+    print(f"\nbenchmarks/plan.py, one fp32 process, stage 2 at this batch ({batch_size} images), checkpoints written by the CLI's AtomicCheckpointIO:")
     for name, value in parts.items():
         print(f"  {name:45s} {value / 1e9:6.2f} GB")
     print(f"  {'total':45s} {total:6.2f} GB")
