@@ -13,7 +13,6 @@ import json
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import sqlite3
@@ -28,16 +27,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from front_doors import CHROMIUM, CHROMIUM_FLAGS, INSTALL  # the browser every front-door test drives
 
 from fineregion_pl.commands.rate.store import CRITERIA, Study
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-]
-INSTALL = "bash .ci/install-demo.sh installs it"
 MODELS = ["model", "no_region_control"]
 
 
