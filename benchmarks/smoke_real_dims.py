@@ -73,7 +73,7 @@ def build_assets(assets: Path) -> dict[str, Path]:
     return {"swin": swin, "lm": lm, **shards}
 
 
-def synthetic_plan_inputs(batch_size: int) -> tuple[list, dict[str, int]]:
+def synthetic_plan_inputs() -> tuple[list, dict[str, int]]:
     """The smoke data as :mod:`benchmarks.plan` describes a shard set (from the records the shards
     were written from), and the padded target length of each text call (the longest target)."""
     import re
@@ -102,7 +102,7 @@ def plan_prediction(batch_size: int, lightning_checkpoint_io: bool = False) -> d
 
     s1, s2 = read_config(ROOT / "configs/stage1.yaml"), read_config(ROOT / "configs/stage2.yaml")
     s2["data"]["batch_size"] = batch_size
-    datasets, longest = synthetic_plan_inputs(batch_size)
+    datasets, longest = synthetic_plan_inputs()
     return one_process_prediction(s1, s2, datasets, [1.0, 1.0], 5, LLM, longest, lightning_checkpoint_io)
 
 

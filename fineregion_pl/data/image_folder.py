@@ -40,11 +40,6 @@ from fineregion_pl.model.images import as_rgb, upright_size
 from fineregion_pl.model.transforms import RegionSample, collate_present, to_region_sample
 
 
-def _image_entries(path: Path) -> Any:
-    """The parsed boxes file: a JSON value, or the list of a JSONL file's lines (validated by the caller)."""
-    return read_json_file(path, "boxes file")
-
-
 def is_coco_results(entries: list) -> bool:
     """Whether a boxes file's entries are COCO results (detections with ``bbox`` or ``segmentation``)."""
     return bool(entries) and isinstance(entries[0], dict) and "image" not in entries[0] and ("bbox" in entries[0] or "segmentation" in entries[0])
@@ -74,11 +69,11 @@ def read_boxes_file(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"boxes file not found: {path}")
-    entries = _image_entries(path)
+    entries = read_json_file(path, "boxes file")  # a JSON value, or a JSONL file's lines: validated below
     if isinstance(entries, list) and is_coco_results(entries):
         return _coco_records(path, entries)
     records = []
-    for entry in boxes_entries(_image_entries(path), path):
+    for entry in boxes_entries(entries, path):
         name, boxes = entry.image, entry.boxes
         ids = entry.ids if entry.ids is not None else list(range(len(boxes)))
         if len(ids) != len(boxes):

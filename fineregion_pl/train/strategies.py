@@ -198,9 +198,8 @@ class RegionFSDP2Strategy(ModelParallelStrategy):
 
         checkpoint = read_checkpoint(path)
         module = self.lightning_module
-        frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
         if module.strict_loading:
-            check_weights_fit(module.state_dict(), checkpoint["state_dict"], str(path), f"{type(module).__name__} (only frozen weights may be absent)", may_miss=frozen)
+            check_only_frozen_missing(module, checkpoint["state_dict"], str(path))
         set_model_state_dict(module, checkpoint["state_dict"], options=StateDictOptions(full_state_dict=True, strict=False))
         if module.trainer.state.fn == "fit" and checkpoint.get("optimizer_states"):
             from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -383,6 +382,12 @@ def load_without_frozen(module: nn.Module, state_dict: dict[str, Any], strict: b
     :class:`~fineregion_pl.model.errors.BadInputError` naming them (only frozen weights may be absent).
     """
     if strict:
-        frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}  # tied aliases too
-        check_weights_fit(module.state_dict(), state_dict, source, f"{type(module).__name__} (only frozen weights may be absent)", may_miss=frozen)
+        check_only_frozen_missing(module, state_dict, source)
     module.load_state_dict(state_dict, strict=False)
+
+
+def check_only_frozen_missing(module: nn.Module, state_dict: dict[str, Any], source: str) -> None:
+    """A ``BadInputError`` naming any key of ``state_dict`` that ``module`` lacks, or any weight it
+    misses that is not frozen in ``module`` (tied aliases of frozen weights count as frozen)."""
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    check_weights_fit(module.state_dict(), state_dict, source, f"{type(module).__name__} (only frozen weights may be absent)", may_miss=frozen)
