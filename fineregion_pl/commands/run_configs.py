@@ -15,10 +15,14 @@ import yaml
 
 
 def recipes_root() -> Path:
-    """The folder of the YAML recipes: the installed ``fineregion_pl.recipes`` package (the
-    repository's ``configs/`` in an editable install or a source checkout)."""
+    """The folder of the YAML recipes: the ``configs/`` beside the package in a source checkout
+    (so a checkout put first on ``PYTHONPATH``, e.g. a git worktree, runs its own recipes even when
+    another checkout is pip-installed in editable mode), else the installed ``fineregion_pl.recipes``."""
     from importlib.resources import files
 
+    beside = Path(__file__).resolve().parents[2] / "configs"
+    if (beside / "quickstart" / "stage1.yaml").is_file():
+        return beside
     try:
         return Path(str(files("fineregion_pl.recipes")))
     except ModuleNotFoundError:
