@@ -30,6 +30,25 @@ def code_version() -> dict[str, Any]:
             out["git_dirty"] = bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
+    out["libraries"] = library_versions()
+    return out
+
+
+# the libraries whose version can move the numbers: kernels (torch), model code (transformers, timm,
+# peft), the synthetic images' rasteriser (pillow), the data stream (webdataset, numpy)
+NUMERIC_LIBRARIES = ("torch", "transformers", "timm", "peft", "lightning", "pillow", "numpy", "webdataset")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of :data:`NUMERIC_LIBRARIES` (``"absent"`` for one not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in NUMERIC_LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
     return out
 
 
@@ -156,6 +175,8 @@ def card_markdown(card: dict[str, Any]) -> str:
     version = card["code_version"]
     commit = f", git {version['git_commit'][:12]}{' (with uncommitted changes)' if version['git_dirty'] else ''}" if version.get("git_commit") else ""
     lines.append(f"- **code**: fineregion_pl {version['fineregion_pl']}{commit}")
+    if version.get("libraries"):
+        lines.append("- **libraries**: " + ", ".join(f"{name} {v}" for name, v in version["libraries"].items()))
     if card.get("comparable_with"):
         lines.append(f"- **comparable with**: {card['comparable_with']}; **not with**: {card['not_comparable_with']}")
     verdict = ("yes in method; the file is the published one only if its SHA-256 above is the published file's (no published digest is known here to check)"

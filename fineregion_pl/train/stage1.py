@@ -12,10 +12,11 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from fineregion_pl.model.config import as_config, plain_hparams
 from fineregion_pl.model.dynamic_masking import DynamicMasking, MaskingMode
 from fineregion_pl.model.encoder import EncoderConfig
-from fineregion_pl.model.errors import BadInputError, check_finite_loss
+from fineregion_pl.model.errors import BadInputError
 from fineregion_pl.model.losses import attention_inside, mask_loss
 from fineregion_pl.model.schemas import check_options
 from fineregion_pl.model.vision_model import RegionOutputs, RegionVisionModel
+from fineregion_pl.train.finite_loss import stop_on_non_finite_loss
 from fineregion_pl.train.optim import adamw_with_schedule
 
 
@@ -101,7 +102,7 @@ class Stage1Module(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch)
         losses = self._losses(batch, out)
-        check_finite_loss(losses["loss"], self.global_step, losses)
+        stop_on_non_finite_loss(self, losses)
         labelled = out.region_valid & (batch["categories"] >= 0)
         acc = (out.logits.argmax(-1) == batch["categories"])[labelled].float().mean()
         bs = batch["images"].shape[0]

@@ -20,11 +20,12 @@ from fineregion_pl.model.checkpoint_files import check_weights_fit, load_stage1_
 from fineregion_pl.model.config import optional_config, plain_hparams
 from fineregion_pl.model.dynamic_masking import DynamicMasking, MaskingMode
 from fineregion_pl.model.encoder import EncoderConfig
-from fineregion_pl.model.errors import BadInputError, check_finite_loss
+from fineregion_pl.model.errors import BadInputError
 from fineregion_pl.model.fingerprint import check_fingerprint, lm_fingerprint
 from fineregion_pl.model.language_model import LanguageModelConfig
 from fineregion_pl.model.region_prompt import PromptMode
 from fineregion_pl.model.schemas import check_options
+from fineregion_pl.train.finite_loss import stop_on_non_finite_loss
 from fineregion_pl.train.optim import adamw_with_schedule
 
 
@@ -184,7 +185,7 @@ class Stage2Module(L.LightningModule):
         tokens_before = language.text_tokens
         losses = self.losses(batch)
         self.last_batch_tokens = language.text_tokens - tokens_before  # supervised text tokens (RegionThroughputMonitor)
-        check_finite_loss(losses["loss"], self.global_step, losses)
+        stop_on_non_finite_loss(self, losses)
         bs = batch["images"].shape[0]
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
         self.log("train/caption", losses["caption_loss"].detach(), prog_bar=True, batch_size=bs, logger=False)

@@ -65,6 +65,10 @@ def test_evaluate_on_glamm_outputs_equals_cocoevalcap_called_as_glamm_calls_it(t
     # scored the way published numbers are; only the fixture's size (6 of RefCOCOg val's 4,896 sentences) makes it not comparable
     assert card["not_comparable_because"] == ["the file has 6 sentences, the published set 4896 (RefCOCOg umd val sentences as commonly reported; recalled, not checked against GLaMM's file)"]
     assert card["predictions"]["files"] == ["GLaMM-RegCap-RefCOCOg_refcocog_0.json"]
+    # the numbers carry the versions of the libraries that can move them
+    from importlib.metadata import version
+
+    assert card["code_version"]["libraries"]["torch"] == version("torch") and card["code_version"]["libraries"]["pillow"] == version("pillow")
     assert "| refcocog-regcap | CIDEr |" in done.stdout
 
 

@@ -277,15 +277,15 @@ def test_a_requeued_job_resumes_and_ends_like_an_uninterrupted_one(cluster, synt
     straight = write_yaml(tmp_path / "straight.yaml", deterministic_stage1(tmp_path / "straight", synthetic_data))
     requeued = write_yaml(tmp_path / "requeued.yaml", deterministic_stage1(tmp_path / "requeued", synthetic_data, [slow]))
     options = (*CPU_OPTIONS, "--ntasks-per-node=1")
+    # the uninterrupted job and the one to requeue run side by side (one CPU each)
     first = cluster.sbatch("slurm/stage1.sbatch", *options, f"--output={logs}/straight-%j.out", env=job_env(CONFIG=str(straight), STRATEGY="none"))
-    assert cluster.wait(first, 400, log_of(logs)) == {first: "COMPLETED"}, [p.read_text()[-3000:] for p in log_of(logs)]
-
     job = cluster.sbatch("slurm/stage1.sbatch", *options, f"--output={logs}/requeued-%j.out", env=job_env(CONFIG=str(requeued), STRATEGY="none"))
     wait_for(lambda: progress.is_file() and progress.read_text().strip() not in ("", "0", "1", "2", "3", "4", "5"), 300,
              "the job did not reach step 6", log_of(logs))
     signalled = subprocess.run(["scancel", "--signal=USR1", job], env=cluster.env, capture_output=True, text=True, timeout=30)
     assert signalled.returncode == 0, signalled.stderr
     assert cluster.wait(job, 600, log_of(logs)) == {job: "COMPLETED"}, [p.read_text()[-3000:] for p in log_of(logs)]
+    assert cluster.wait(first, 400, log_of(logs)) == {first: "COMPLETED"}, [p.read_text()[-3000:] for p in log_of(logs)]
 
     shown = subprocess.run(["scontrol", "-o", "show", "job", job], env=cluster.env, capture_output=True, text=True, timeout=30).stdout
     assert "Restarts=1" in shown, shown
