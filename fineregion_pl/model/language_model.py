@@ -269,14 +269,10 @@ class RegionLanguageModel(nn.Module):
         if not self.packs:
             return [self._padded_text_loss(*call) for call in calls]
         layout, hidden, nll = self._packed(calls)
-        out, first = [], 0
-        for c, (_, texts, _) in enumerate(calls):
-            mine = layout.call == c
-            loss = nll[mine].mean()
-            rep = segment_mean(hidden[mine].float(), layout.sequence[mine] - first, len(texts))
-            out.append((loss, F.normalize(rep, dim=-1)))
-            first += len(texts)
-        return out
+        sums = nll.new_zeros(len(calls)).index_add(0, layout.call, nll)
+        reps = F.normalize(segment_mean(hidden.float(), layout.sequence, layout.sequence_tokens), dim=-1)
+        sizes = [len(texts) for _, texts, _ in calls]
+        return [(sums[c] / max(1, tokens), rep) for c, (tokens, rep) in enumerate(zip(layout.call_tokens, reps.split(sizes)))]
 
     def _packed(self, calls: list[tuple[Tensor | list[Tensor], list[str], str]]) -> tuple[PackedLayout, Tensor, Tensor]:
         """One forward of the calls' sequences packed: the layout, the last hidden states of the

@@ -33,6 +33,8 @@ class PackedLayout:
         targets: ``(P,)`` those target token ids.
         sequence: ``(P,)`` the sequence (over all calls, in call order) each prediction belongs to.
         call: ``(P,)`` the call each prediction belongs to.
+        sequence_tokens: ``(S,)`` target tokens of each sequence.
+        call_tokens: target tokens of each call (host ints: no device sync to read them).
         real_tokens: tokens of real sequences (the rest of ``rows * width`` is filler).
     """
 
@@ -44,6 +46,8 @@ class PackedLayout:
     targets: Tensor
     sequence: Tensor
     call: Tensor
+    sequence_tokens: Tensor
+    call_tokens: list[int]
     real_tokens: int
 
     @property
@@ -139,7 +143,9 @@ def pack_layout(context_lengths: list[int], call_rows: list[int], text_ids: list
     return PackedLayout(
         rows=len(bins), width=width, source=source.flatten().to(device), position_ids=positions.to(device),
         predict=torch.tensor(predict, dtype=torch.long).to(device), targets=torch.tensor(targets, dtype=torch.long).to(device),
-        sequence=seq.to(device), call=torch.tensor(calls, dtype=torch.long)[seq].to(device), real_tokens=sum(lengths),
+        sequence=seq.to(device), call=torch.tensor(calls, dtype=torch.long)[seq].to(device),
+        sequence_tokens=torch.tensor([len(i) for ids in text_ids for i in ids], dtype=torch.long).to(device),
+        call_tokens=[sum(len(i) for i in ids) for ids in text_ids], real_tokens=sum(lengths),
     )
 
 
@@ -151,8 +157,8 @@ def packed_embeddings(layout: PackedLayout, contexts: list[Tensor], text_embeddi
     return torch.cat(pieces).index_select(0, layout.source).view(layout.rows, layout.width, d)
 
 
-def segment_mean(values: Tensor, segment: Tensor, segments: int) -> Tensor:
-    """Mean of the rows of ``values (P, d)`` per segment id ``(P,)``: ``(segments, d)`` (zeros where empty)."""
-    total = values.new_zeros(segments, values.shape[-1]).index_add(0, segment, values)
-    count = torch.bincount(segment, minlength=segments).clamp(min=1).to(values.dtype)
-    return total / count[:, None]
+def segment_mean(values: Tensor, segment: Tensor, counts: Tensor) -> Tensor:
+    """Mean of the rows of ``values (P, d)`` per segment id ``(P,)``, given each segment's row
+    count ``(S,)``: ``(S, d)`` (zeros where empty)."""
+    total = values.new_zeros(counts.shape[0], values.shape[-1]).index_add(0, segment, values)
+    return total / counts.clamp(min=1).to(values.dtype)[:, None]
