@@ -66,8 +66,9 @@ class LanguageModelConfig:
         packed_sequences: teacher-force the sequences of a step packed into few rows (no padding
             to the longest, attention kept inside each sequence by restarting ``position_ids``) and
             apply the LM head only where a loss reads it, in chunks (:mod:`~fineregion_pl.model.packing`,
-            :mod:`~fineregion_pl.model.chunked_loss`); for decoder LMs of :data:`PACKED_FAMILIES`,
-            others take the padded path. ``false``: the padded, full-logits path.
+            :mod:`~fineregion_pl.model.chunked_loss`); for decoder LMs of :data:`PACKED_FAMILIES`
+            whose head is not ZeRO-3-partitioned, others take the padded path. ``false``: the
+            padded, full-logits path (one forward per call).
     """
 
     name_or_path: str = "runs/quickstart/tiny-lm"
@@ -253,7 +254,10 @@ class RegionLanguageModel(nn.Module):
     def packs(self) -> bool:
         """Whether text calls run packed (see ``LanguageModelConfig.packed_sequences``)."""
         model_type = getattr(getattr(self.model, "config", None), "model_type", None)
-        return bool(self.config.packed_sequences) and not self.encoder_decoder and model_type in PACKED_FAMILIES
+        # ZeRO-3 partitions the LM head's weight and gathers it only inside the head's own forward;
+        # the chunked loss reads the weight directly (and again in backward): padded path there
+        partitioned = hasattr(self.model.get_output_embeddings().weight, "ds_id")
+        return bool(self.config.packed_sequences) and not self.encoder_decoder and model_type in PACKED_FAMILIES and not partitioned
 
     def text_loss(self, prompts: Tensor | list[Tensor], texts: list[str], task: str = "caption") -> tuple[Tensor, Tensor]:
         """Cross-entropy on the target tokens only (eq. 8, averaged over tokens) and the text representation.
