@@ -17,9 +17,8 @@ from torch.utils.checkpoint import checkpoint
 DEFAULT_CHUNK = 1024
 
 
-def _chunk_nll(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
-    logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, targets, reduction="none")
+def _chunk_nll(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 def _liger_nll(hidden: Tensor, head: nn.Linear, targets: Tensor) -> Tensor | None:
@@ -44,10 +43,10 @@ def token_nll(hidden: Tensor, head: nn.Module, targets: Tensor, chunk: int = DEF
     fused = _liger_nll(hidden, head, targets) if isinstance(head, nn.Linear) else None
     if fused is not None:
         return fused.float()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     parts = []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
-        parts.append(checkpoint(_chunk_nll, h, weight, bias, t, use_reentrant=False) if grad else _chunk_nll(h, weight, bias, t))
+        # the head module itself is called (its hooks gather sharded weights), again in backward
+        parts.append(checkpoint(_chunk_nll, head, h, t, use_reentrant=False) if grad else _chunk_nll(head, h, t))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

@@ -289,10 +289,11 @@ class RegionLanguageModel(nn.Module):
         layout = pack_layout([c.shape[1] for c in contexts], [c.shape[0] for c in contexts], text_ids, device)
         flat = torch.tensor([t for call in text_ids for ids in call for t in ids], dtype=torch.long, device=device)
         embeds = packed_embeddings(layout, contexts, self.embed(flat))
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        states = base.get_decoder()(inputs_embeds=embeds, position_ids=layout.position_ids, use_cache=False).last_hidden_state
-        hidden = states.flatten(0, 1).index_select(0, layout.predict)
-        return layout, hidden, token_nll(hidden, base.get_output_embeddings(), layout.targets)
+        # the whole model's forward (its hooks: peft, FSDP, DeepSpeed), but logits of no position
+        out = self.model(inputs_embeds=embeds, position_ids=layout.position_ids, use_cache=False, output_hidden_states=True,
+                         logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))
+        hidden = out.hidden_states[-1].flatten(0, 1).index_select(0, layout.predict)
+        return layout, hidden, token_nll(hidden, self.model.get_output_embeddings(), layout.targets)
 
     def _padded_text_loss(self, prompts: Tensor | list[Tensor], texts: list[str], task: str) -> tuple[Tensor, Tensor]:
         logits, targets, hidden = self.teacher_forced(prompts, texts, task)
