@@ -4,7 +4,7 @@ A text call of :class:`~fineregion_pl.model.language_model.RegionLanguageModel` 
 sequences ``[context (L, d) | target text (T_r tokens)]``. Padded, every row of a call is as
 long as its longest target, and a mixed batch (RefCOCOg's long expressions, Visual Genome's short
 phrases) pads a third of its tokens. Packed, the sequences of all the calls of a step are placed
-first-fit-decreasing into rows of 1-4 times the longest sequence (the width that wastes least); ``position_ids`` restart at 0 at
+first-fit-decreasing into rows of 1-8 times the longest sequence (the width that wastes least); ``position_ids`` restart at 0 at
 each sequence, which is how transformers (5.x, ``masking_utils.find_packed_sequence_indices``)
 keeps attention inside each sequence for decoder LMs under ``sdpa``/``eager`` (a block-diagonal
 causal mask) and ``flash_attention_2`` (varlen ``cu_seqlens``). It needs ``attention_mask=None``
@@ -72,7 +72,7 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-MAX_ROW_FACTOR = 4
+MAX_ROW_FACTOR = 8
 """Rows are at most this many times the longest sequence: longer rows waste less at their ends, but
 with a block-diagonal mask (``sdpa``) attention still computes every pair of a row's positions."""
 
