@@ -83,7 +83,7 @@ def test_an_unsupported_family_takes_the_padded_path(tmp_path):
 def test_layout_restarts_positions_and_leaves_little_padding():
     texts = [[[5] * t for t in (3, 9, 1, 4, 7)], [[6] * 2, [6] * 8]]
     layout = pack_layout([4, 6], [5, 2], texts, torch.device("cpu"))
-    assert layout.width % 14 == 0 and layout.real_tokens == 4 * 5 + 24 + 6 * 2 + 10
+    assert layout.rows == 1 and layout.width == layout.real_tokens == 4 * 5 + 24 + 6 * 2 + 10  # one row, no filler
     assert layout.rows * layout.width >= layout.real_tokens
     assert layout.targets.numel() == 24 + 10 and set(layout.call.tolist()) == {0, 1}
     assert layout.position_ids[0, 0] == 0 and layout.position_ids.max() <= layout.width - 1
