@@ -284,7 +284,9 @@ class RegionLanguageModel(nn.Module):
         contexts = [self.context_embeddings(prompts, task) for prompts, _, task in calls]
         device = contexts[0].device
         eos = self.tokenizer.eos_token_id
-        text_ids = [[self.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts] for _, texts, _ in calls]
+        unique = list(dict.fromkeys(t for _, texts, _ in calls for t in texts))  # grounding repeats each expression per candidate
+        tokens = dict(zip(unique, self.tokenizer(unique, add_special_tokens=False)["input_ids"])) if unique else {}
+        text_ids = [[tokens[t] + [eos] for t in texts] for _, texts, _ in calls]
         self.text_tokens += sum(len(ids) for call in text_ids for ids in call)
         layout = pack_layout([c.shape[1] for c in contexts], [c.shape[0] for c in contexts], text_ids, device)
         flat = torch.tensor([t for call in text_ids for ids in call for t in ids], dtype=torch.long, device=device)
