@@ -838,7 +838,9 @@ def flops_section(f: Figures) -> list[str]:
             f"| vision (Swin + masks + pooling + attention map) | {tf(c.parts['vision'] / images)} | {c.parts['vision'] / c.forward:.1%} |",
             f"| region prompt (and pair token) | {tf(c.parts['prompt'] / images)} | {c.parts['prompt'] / c.forward:.1%} |",
             f"| LLM with LoRA | {tf(c.parts['llm'] / images)} | {c.parts['llm'] / c.forward:.1%} |",
-            f"| of which `lm_head` (every position, full vocabulary) | {tf(c.parts['lm_head'] / images)} | {c.parts['lm_head'] / c.forward:.1%} |",
+            (f"| `lm_head` (target positions only, in chunks, after the LLM's forward) | {tf(c.parts['lm_head'] / images)} | {c.parts['lm_head'] / c.forward:.1%} |"
+             if f.batch.packed else
+             f"| of which `lm_head` (every position, full vocabulary) | {tf(c.parts['lm_head'] / images)} | {c.parts['lm_head'] / c.forward:.1%} |"),
             "", "| step | TFLOP per sample | x forward |", "|---|---|---|",
             f"| forward | {tf(c.forward / images)} | 1.00 |",
             f"| backward (counted) | {tf(c.backward / images)} | {c.backward / c.forward:.2f} |",
@@ -865,8 +867,10 @@ def zero_section(f: Figures) -> list[str]:
             total = sum(full) + CUDA_SLACK
             lines.append(f"| {stage} | {n} | " + " | ".join(gb(v) for v in full) + f" | {gb(total)} | {'yes' if total < H100_MEMORY else 'NO'} |")
     lines += ["", f"Totals add {gb(CUDA_SLACK)} GB for the CUDA context and allocator slack. Activations: {gb(c.activations(True))} GB with "
-              f"checkpointing ({gb(c.saved_other)} GB saved outside checkpointed blocks, of which {gb(c.parts['log_softmax_bytes'])} GB "
-              f"are the fp32 log-softmax of the target logits (`text_loss` casts them to float); {gb(c.block_inputs)} GB of block "
+              f"checkpointing ({gb(c.saved_other)} GB saved outside checkpointed blocks, "
+              + ("none of it logits (the packed step's chunked head keeps no logits for backward); " if f.batch.packed else
+                 f"of which {gb(c.parts['log_softmax_bytes'])} GB are the fp32 log-softmax of the target logits (`text_loss` casts them to float); ")
+              + f"{gb(c.block_inputs)} GB of block "
               f"inputs; {gb(c.block_saved_max)} GB for the one block being recomputed), {gb(c.activations(False))} GB without. "
               "Transient: the bf16 logits of the largest call (every position, the whole vocabulary) before the target span is cut out.", ""]
     base = sum(zero_memory(2, f.gpu_counts[0], m.frozen, m.trainable, 0.0, 0.0, m.layer_params).values()) + CUDA_SLACK
