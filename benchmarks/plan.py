@@ -62,6 +62,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 
+from fineregion_pl.model.chunked_loss import DEFAULT_CHUNK  # noqa: E402
+from fineregion_pl.model.language_model import PACKED_FAMILIES  # noqa: E402
+from fineregion_pl.model.packing import packed_rows  # noqa: E402
+
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM, bf16 dense (no sparsity)
 H100_MEMORY = 80e9
 DEFAULT_MFU = 0.40
@@ -361,6 +365,15 @@ class Batch:
     real_tokens: float  # tokens without padding
     padded_tokens: float
     targets: dict[str, int] = field(default_factory=lambda: dict(PADDED_TARGET))  # padded target length of each call
+    text_lengths: dict[str, list[int]] = field(default_factory=dict)  # each sequence's target length (packed step)
+    packed_tokens: float = 0.0  # rows x width of the packed layout of all calls (model/packing.py)
+    packed: bool = False  # the recipe's LM packs its calls (packed_sequences, a packing family)
+    packed_padding: float = 0.0  # share of the packed layout's tokens that are filler
+
+    @property
+    def lm_tokens(self) -> float:
+        """Tokens the LM runs per step: the packed layout's, or every call padded to its longest."""
+        return self.packed_tokens if self.packed else self.padded_tokens
 
 
 def stage2_batch(s2: dict, datasets: list[Dataset], weights: list[float], llm_name: Optional[str] = None,
@@ -390,7 +403,22 @@ def stage2_batch(s2: dict, datasets: list[Dataset], weights: list[float], llm_na
     real = sum(r * (caption_ctx + d.caption_tokens) for r, d in zip(regions, datasets))
     real += referring_rows * (referring_ctx + datasets[0].caption_tokens) + question_rows * (question_ctx + ANSWER_TOKENS)
     padded = sum(rows[t] * lengths[t] for t in rows)
-    return Batch(images, max_regions, rows, lengths, real, padded, target)
+    text_lengths = mixed_lengths(datasets, [images * s for s in share], max_regions, rows)
+    contexts = {"caption": caption_ctx, "referring": referring_ctx, "question": question_ctx}
+    sequences = [contexts[t] + n for t in rows for n in text_lengths[t]]
+    width, bins = packed_rows(sequences)
+    packed = bool(lm.get("packed_sequences", True)) and LLM_CONFIGS[llm_name or lm["name_or_path"]]["family"] in PACKED_FAMILIES
+    return Batch(images, max_regions, rows, lengths, real, padded, target, text_lengths, float(len(bins) * width), packed,
+                 1 - sum(sequences) / (len(bins) * width))
+
+
+def mixed_lengths(datasets: list[Dataset], images: list[float], max_regions: int, rows: dict[str, int]) -> dict[str, list[int]]:
+    """Each sequence's target length (EOS included) in a batch: every dataset's regions with its mean
+    caption length rounded, the referring rows RefCOCOg's, the answers :data:`ANSWER_TOKENS`."""
+    captions = [round(d.caption_tokens) for d, n in zip(datasets, images) for _ in range(round(n * min(d.regions_per_image, max_regions)))]
+    captions = (captions + [captions[-1]] * rows["caption"])[: rows["caption"]] if captions else []
+    referring = [round(d.caption_tokens) for d in datasets if d.referring][:1] * rows["referring"]
+    return {"caption": captions, "referring": referring, "question": [round(ANSWER_TOKENS)] * rows["question"]}
 
 
 def stage2_terms(module, inputs: dict, batch: Batch) -> dict[str, torch.Tensor]:
@@ -421,6 +449,8 @@ def stage2_terms(module, inputs: dict, batch: Batch) -> dict[str, torch.Tensor]:
     rows = batch.rows["caption"]
     encoded = EncodedBatch(vision=encoded.vision, index=encoded.index[:rows], prompts=encoded.prompts[:rows], geometry=encoded.geometry[:rows])
     out, index, prompts = encoded.vision, encoded.index, encoded.prompts
+    if batch.packed and language.packs:
+        return packed_terms(module, encoded, batch)
     caption, rep = language.text_loss(prompts, filler_texts(rows, batch.targets["caption"]), "caption")
     reps = rep.new_zeros(*out.region_valid.shape, rep.shape[-1])
     reps[index[:, 0], index[:, 1]] = rep
@@ -439,6 +469,50 @@ def stage2_terms(module, inputs: dict, batch: Batch) -> dict[str, torch.Tensor]:
         logits = out.logits.flatten(0, 1)
         terms["cls_loss"] = F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
     return terms
+
+
+def packed_terms(module, encoded, batch: Batch) -> dict[str, torch.Tensor]:
+    """:func:`stage2_terms` as ``RegionCaptioner.losses`` makes them with a packing LM: the three text
+    calls in one ``RegionLanguageModel.text_losses`` (one packed forward), each sequence with its own
+    target length (:func:`mixed_lengths`)."""
+    from fineregion_pl.model.losses import consistency_loss, mask_loss
+
+    hp, captioner = module.hparams, module.model
+    out, index, prompts = encoded.vision, encoded.index, encoded.prompts
+    texts = {t: [" ".join([FILLER] * (n - 1)) for n in batch.text_lengths[t]] for t in batch.text_lengths}
+    calls = {"caption_loss": (prompts, texts["caption"], "caption")}
+    if hp.referring_weight > 0 and batch.rows["referring"]:
+        r = min(batch.rows["referring"], prompts.shape[0])
+        calls["referring_loss"] = (prompts[:r], texts["referring"][:r], "referring")
+    if hp.spatial_weight > 0 and batch.rows["question"]:
+        q = min(batch.rows["question"], prompts.shape[0] // 2)
+        calls["spatial_loss"] = (captioner.question_prompts(encoded, list(range(q)), list(range(q, 2 * q))), texts["question"][:q], "question")
+    with packing_on_meta():
+        results = dict(zip(calls, captioner.language.text_losses(list(calls.values()))))
+    caption, rep = results["caption_loss"]
+    reps = rep.new_zeros(*out.region_valid.shape, rep.shape[-1])
+    reps[index[:, 0], index[:, 1]] = rep
+    with meta_nonzero():
+        terms = {"caption_loss": caption, "consistency_loss": consistency_loss(reps, out.boxes, out.region_valid)}
+    if hp.mask_loss_weight > 0:
+        terms["mask_loss"] = mask_loss(out.attn_logits, out.target_masks, out.region_valid)
+    terms.update({name: loss for name, (loss, _) in results.items() if name != "caption_loss"})
+    if hp.classification_weight > 0:
+        logits = out.logits.flatten(0, 1)
+        terms["cls_loss"] = F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+    return terms
+
+
+def packing_on_meta():
+    """transformers' packed-sequence check reads a value (``.all()``) meta tensors lack: skip it (the
+    layout always packs several sequences per row here, so the check would not return ``None``)."""
+    from transformers import masking_utils
+
+    def indices(position_ids):
+        first = position_ids[:, :1] - 1
+        return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+    return mock.patch.object(masking_utils, "find_packed_sequence_indices", indices)
 
 
 def loss_weights(hparams) -> dict[str, float]:
@@ -512,14 +586,18 @@ def measure_stage2(s1: dict, s2: dict, batch: Batch, num_classes: int, llm_name:
     count = measure_step([captioner.vision, captioner.prompt, llm], step, r"(\.layers_\d+\.blocks\.\d+|\.layers\.\d+)$", parts)
     config = llm.config
     element = torch.finfo(dtype).bits // 8
-    count.parts["log_softmax_bytes"] = sum(batch.rows[t] * batch.targets[t] for t in batch.rows) * config.vocab_size * 4  # fp32: text_loss casts
+    if batch.packed:  # chunked target-only logits, recomputed in backward: one chunk's fp32 logits are saved at a time
+        count.parts["log_softmax_bytes"] = 0.0
+    else:
+        count.parts["log_softmax_bytes"] = sum(batch.rows[t] * batch.targets[t] for t in batch.rows) * config.vocab_size * 4  # fp32: text_loss casts
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     return Stage2Measure(
         count=count, config=config, terms=terms,
         lm_total=parameter_count(llm), lm_trainable=parameter_count(llm, trainable=True),
         vision_total=parameter_count(captioner.vision), vision_trainable=parameter_count(captioner.vision, trainable=True),
         prompt=parameter_count(captioner.prompt, trainable=True),
-        transient=max(batch.rows[t] * batch.lengths[t] for t in batch.rows) * config.vocab_size * element,
+        transient=(DEFAULT_CHUNK * config.vocab_size * 4 * 2 if batch.packed
+                   else max(batch.rows[t] * batch.lengths[t] for t in batch.rows) * config.vocab_size * element),
         layer_params=parameter_count(base.model.layers[0]),
     )
 
@@ -745,6 +823,11 @@ def batch_section(f: Figures) -> list[str]:
     lines += ["", f"{b.padded_tokens:,.0f} LM tokens per batch ({b.padded_tokens / b.images:.0f} per image), of which "
               f"{1 - b.real_tokens / b.padded_tokens:.0%} are padding: every call pads its targets to its longest "
               "(`RegionLanguageModel.tokenize_targets`), and a mixed batch pads VG's short phrases to RefCOCOg's long expressions.", ""]
+    if b.packed:
+        lines += [f"Packed (`language_model.packed_sequences: true`, `model/packing.py`): the calls' sequences share one forward in "
+                  f"rows of {b.packed_tokens:,.0f} tokens in all ({b.packed_tokens / b.images:.0f} per image), "
+                  f"{b.packed_padding:.1%} padding; the LM head runs on the target tokens only, in chunks of "
+                  f"{DEFAULT_CHUNK} (`model/chunked_loss.py`). The FLOPs and memory below are of this packed step.", ""]
     return lines
 
 
@@ -755,7 +838,9 @@ def flops_section(f: Figures) -> list[str]:
             f"| vision (Swin + masks + pooling + attention map) | {tf(c.parts['vision'] / images)} | {c.parts['vision'] / c.forward:.1%} |",
             f"| region prompt (and pair token) | {tf(c.parts['prompt'] / images)} | {c.parts['prompt'] / c.forward:.1%} |",
             f"| LLM with LoRA | {tf(c.parts['llm'] / images)} | {c.parts['llm'] / c.forward:.1%} |",
-            f"| of which `lm_head` (every position, full vocabulary) | {tf(c.parts['lm_head'] / images)} | {c.parts['lm_head'] / c.forward:.1%} |",
+            (f"| `lm_head` (target positions only, in chunks, after the LLM's forward) | {tf(c.parts['lm_head'] / images)} | {c.parts['lm_head'] / c.forward:.1%} |"
+             if f.batch.packed else
+             f"| of which `lm_head` (every position, full vocabulary) | {tf(c.parts['lm_head'] / images)} | {c.parts['lm_head'] / c.forward:.1%} |"),
             "", "| step | TFLOP per sample | x forward |", "|---|---|---|",
             f"| forward | {tf(c.forward / images)} | 1.00 |",
             f"| backward (counted) | {tf(c.backward / images)} | {c.backward / c.forward:.2f} |",
@@ -782,8 +867,10 @@ def zero_section(f: Figures) -> list[str]:
             total = sum(full) + CUDA_SLACK
             lines.append(f"| {stage} | {n} | " + " | ".join(gb(v) for v in full) + f" | {gb(total)} | {'yes' if total < H100_MEMORY else 'NO'} |")
     lines += ["", f"Totals add {gb(CUDA_SLACK)} GB for the CUDA context and allocator slack. Activations: {gb(c.activations(True))} GB with "
-              f"checkpointing ({gb(c.saved_other)} GB saved outside checkpointed blocks, of which {gb(c.parts['log_softmax_bytes'])} GB "
-              f"are the fp32 log-softmax of the target logits (`text_loss` casts them to float); {gb(c.block_inputs)} GB of block "
+              f"checkpointing ({gb(c.saved_other)} GB saved outside checkpointed blocks, "
+              + ("none of it logits (the packed step's chunked head keeps no logits for backward); " if f.batch.packed else
+                 f"of which {gb(c.parts['log_softmax_bytes'])} GB are the fp32 log-softmax of the target logits (`text_loss` casts them to float); ")
+              + f"{gb(c.block_inputs)} GB of block "
               f"inputs; {gb(c.block_saved_max)} GB for the one block being recomputed), {gb(c.activations(False))} GB without. "
               "Transient: the bf16 logits of the largest call (every position, the whole vocabulary) before the target span is cut out.", ""]
     base = sum(zero_memory(2, f.gpu_counts[0], m.frozen, m.trainable, 0.0, 0.0, m.layer_params).values()) + CUDA_SLACK
@@ -830,7 +917,7 @@ def throughput_section(f: Figures) -> list[str]:
              f"one image with all its regions, at most `max_regions`). With `data.weights` 1:1 the epoch draws the two sets "
              f"equally, as the batch above.", "",
              f"At {f.mfu:.0%} MFU a GPU does {f.per_sample / 1e12:.2f} TFLOP of model FLOPs per sample: **{f.rate:.1f} samples/s per GPU** "
-             f"({f.rate * b.padded_tokens / b.images:,.0f} LM tokens/s), a step of {b.images} images every {f.step_time:.2f} s. "
+             f"({f.rate * b.lm_tokens / b.images:,.0f} LM tokens/s), a step of {b.images} images every {f.step_time:.2f} s. "
              f"If the {f.mfu:.0%} must cover the recomputed FLOPs as well (hardware FLOPs): {rate_hfu:.1f} samples/s.", ""]
     comm2 = 2 * m.trainable * 2  # reduce-scatter gradients + all-gather updated weights, bf16
     comm3 = 3 * (m.frozen + m.trainable) * 2 + m.trainable * 2  # all-gather weights in forward, recompute, backward; reduce-scatter gradients

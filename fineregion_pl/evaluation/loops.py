@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fineregion_pl.evaluation.grounding import grounding_outcome
+from fineregion_pl.evaluation.protocol_loop import score_in_chunks
 from fineregion_pl.evaluation.rec import hit_fraction
 from fineregion_pl.model.captioner import EncodedBatch, RegionCaptioner, referring_targets, spatial_pairs
 
@@ -20,19 +21,44 @@ from fineregion_pl.model.captioner import EncodedBatch, RegionCaptioner, referri
 def ground_expressions(captioner: RegionCaptioner, batch: dict[str, Any], encoded: EncodedBatch) -> list[tuple[float, float, float]]:
     """``(hit@0.5, IoU, chance)`` of every referring expression of the batch, its candidates being the
     annotated regions of its own image (``gt-ranking``: ranking ground-truth boxes, not REC);
-    ``chance`` is the hit a uniformly random pick among those candidates would score."""
+    ``chance`` is the hit a uniformly random pick among those candidates would score.
+
+    Every candidate of every expression is scored in one LM call (in chunks of
+    ``generation_batch_size`` rows), the same numbers as :func:`ground_expressions_one_by_one`.
+    """
+    index = encoded.index
+    rows, expressions = referring_targets(batch, index, training=False)
+    image_of = index[:, 0]
+    candidates = [(image_of == image_of[row]).nonzero().flatten() for row in rows]
+    if not rows:
+        return []
+    flat = torch.cat(candidates)
+    texts = [e for e, c in zip(expressions, candidates) for _ in range(len(c))]
+    scores = score_in_chunks(captioner, encoded.prompts[flat], texts, "referring").split([len(c) for c in candidates])
+    real = captioner.reported_boxes(batch)[0]
+    return [_outcome(index, image_of, real, row, c, s) for row, c, s in zip(rows, candidates, scores)]
+
+
+@torch.no_grad()
+def ground_expressions_one_by_one(captioner: RegionCaptioner, batch: dict[str, Any], encoded: EncodedBatch) -> list[tuple[float, float, float]]:
+    """:func:`ground_expressions` with one LM call per expression (the loop it replaced; the
+    reference its test and ``benchmarks/bench_evaluation.py`` compare it with)."""
     index, prompts = encoded.index, encoded.prompts
     rows, expressions = referring_targets(batch, index, training=False)
-    outcomes = []
     image_of = index[:, 0]
     real = captioner.reported_boxes(batch)[0]
+    outcomes = []
     for row, expression in zip(rows, expressions):
         candidates = (image_of == image_of[row]).nonzero().flatten()
         scores = captioner.score(prompts[candidates], [expression] * len(candidates), "referring")
-        b, n = index[row].tolist()
-        boxes = real[image_of[candidates], index[candidates, 1]]
-        outcomes.append((*grounding_outcome(scores, boxes, real[b, n]), hit_fraction(boxes.tolist(), real[b, n].tolist())))
+        outcomes.append(_outcome(index, image_of, real, row, candidates, scores))
     return outcomes
+
+
+def _outcome(index, image_of, real, row: int, candidates, scores) -> tuple[float, float, float]:
+    b, n = index[row].tolist()
+    boxes = real[image_of[candidates], index[candidates, 1]]
+    return (*grounding_outcome(scores, boxes, real[b, n]), hit_fraction(boxes.tolist(), real[b, n].tolist()))
 
 
 @torch.no_grad()

@@ -235,21 +235,23 @@ class RegionCaptioner(nn.Module):
             zero = prompts.sum() * 0.0
             return {"caption_loss": zero, "consistency_loss": zero}
         texts = [batch["captions"][b][n] for b, n in index.tolist()]
-        caption, rep = self.language.text_loss(prompts, texts, "caption")
+        calls = {"caption_loss": (prompts, texts, "caption")}
+        if referring:
+            rows, expressions = referring_targets(batch, index, self.training)
+            if rows:
+                calls["referring_loss"] = (prompts[rows], expressions, "referring")
+        if spatial:
+            first, second, questions = spatial_pairs(batch, index)
+            if first:
+                calls["spatial_loss"] = (self.question_prompts(encoded, first, second), [q["answer"] for q in questions], "question")
+        terms = dict(zip(calls, self.language.text_losses(list(calls.values()))))  # one packed LM forward
+        caption, rep = terms["caption_loss"]
         reps = rep.new_zeros(*out.region_valid.shape, rep.shape[-1])
         reps[index[:, 0], index[:, 1]] = rep
         result = {"caption_loss": caption, "consistency_loss": consistency_loss(reps, out.boxes, out.region_valid)}
         if mask:
             result["mask_loss"] = mask_loss(out.attn_logits, out.target_masks, out.region_valid)
-        if referring:
-            rows, expressions = referring_targets(batch, index, self.training)
-            if rows:
-                result["referring_loss"], _ = self.language.text_loss(prompts[rows], expressions, "referring")
-        if spatial:
-            first, second, questions = spatial_pairs(batch, index)
-            if first:
-                answers = [q["answer"] for q in questions]
-                result["spatial_loss"], _ = self.language.text_loss(self.question_prompts(encoded, first, second), answers, "question")
+        result.update({name: loss for name, (loss, _) in terms.items() if name != "caption_loss"})
         labelled = out.region_valid & (batch["categories"] >= 0)
         if labelled.any():
             result["acc"] = (out.logits.argmax(-1) == batch["categories"])[labelled].float().mean().detach()

@@ -11,8 +11,9 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from fineregion_pl.model.box_integrals import LazyBoxMasks, integrals_exact, pool_levels, use_integrals
 from fineregion_pl.model.errors import BadInputError
-from fineregion_pl.model.region_masks import area_downsample, box_masks, masked_mean, merge_masks
+from fineregion_pl.model.region_masks import area_downsample, box_masks, merge_masks
 
 
 @dataclass
@@ -149,7 +150,12 @@ class RegionEncoder(nn.Module):
         mask_transform: Optional[Callable[[Tensor], Tensor]] = None,
         segmentations: Optional[Tensor] = None,
     ) -> tuple[Tensor, list[Tensor]]:
-        """Pool every region from every level.
+        """Pool every region from every level, into one preallocated ``(B, N, D)``.
+
+        Soft box masks with no ``mask_transform`` and no ``segmentations`` are pooled from
+        summed-area tables (:mod:`~fineregion_pl.model.box_integrals`, exact) when the images
+        have enough region slots for that to be the cheaper way (:func:`use_integrals`); the
+        masks are then built only if read. Everything else is the dense masked matmul.
 
         Args:
             features: per-level ``(B, h, w, d)`` maps from :meth:`forward_features`.
@@ -164,6 +170,8 @@ class RegionEncoder(nn.Module):
         Returns:
             ``z (B, N, D)`` (levels concatenated) and the per-level masks pooled with.
         """
+        if self.pooling == "mask" and use_integrals(features, boxes, integrals_exact(self.pooling, hard, mask_transform, segmentations)):
+            return pool_levels(features, boxes, image_size), LazyBoxMasks(boxes, image_size, features)
         masks = [box_masks(boxes, image_size, f.shape[1:3], hard=hard).to(f.dtype) for f in features]
         if segmentations is not None:
             masks = [merge_masks(level_segmentation(segmentations, m.shape[-2:], hard, m.dtype), m) for m in masks]
@@ -171,8 +179,7 @@ class RegionEncoder(nn.Module):
             masks = [mask_transform(m) for m in masks]
         if self.pooling == "roi_align":
             return roi_align_pool(features, boxes, image_size), masks
-        z = torch.cat([masked_mean(f, m) for f, m in zip(features, masks)], dim=-1)
-        return z, masks
+        return pool_levels(features, boxes, image_size, masks), masks
 
     @staticmethod
     def context(features: list[Tensor]) -> Tensor:

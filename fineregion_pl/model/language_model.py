@@ -19,10 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fineregion_pl.model.chunked_loss import token_nll
 from fineregion_pl.model.errors import BadInputError
+from fineregion_pl.model.packing import PackedLayout, pack_layout, packed_embeddings, segment_mean
 from fineregion_pl.model.precision import language_model_dtype
 
 IGNORE = -100
+PACKED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+"""Decoder families whose transformers 5.x forward builds its mask with ``create_causal_mask(...,
+position_ids=...)``, which finds packed sequences from ``position_ids`` (tested: llama, qwen2)."""
 
 if TYPE_CHECKING:
     import transformers
@@ -58,6 +63,12 @@ class LanguageModelConfig:
         caption_template: instruction for captions; ``{region}`` marks where the region prompt goes.
         referring_template: instruction for referring expressions (grounding scores them).
         question_template: instruction for spatial questions about two regions (two ``{region}``).
+        packed_sequences: teacher-force the sequences of a step packed into few rows (no padding
+            to the longest, attention kept inside each sequence by restarting ``position_ids``) and
+            apply the LM head only where a loss reads it, in chunks (:mod:`~fineregion_pl.model.packing`,
+            :mod:`~fineregion_pl.model.chunked_loss`); for decoder LMs of :data:`PACKED_FAMILIES`
+            whose head is not ZeRO-3-partitioned, others take the padded path. ``false``: the
+            padded, full-logits path (one forward per call).
     """
 
     name_or_path: str = "runs/quickstart/tiny-lm"
@@ -68,6 +79,7 @@ class LanguageModelConfig:
     caption_template: str = "describe the region {region} :"
     referring_template: str = "refer to the region {region} :"
     question_template: str = "where is the region {region} relative to the region {region} ?"
+    packed_sequences: bool = True
 
 
 def load_language_model(config: LanguageModelConfig, precision: Optional[str] = None) -> tuple[nn.Module, transformers.PreTrainedTokenizerBase, bool]:
@@ -238,6 +250,15 @@ class RegionLanguageModel(nn.Module):
         span = slice(start, start + ids.shape[1])
         return out.logits[:, span], targets, out.hidden_states[-1][:, span]
 
+    @property
+    def packs(self) -> bool:
+        """Whether text calls run packed (see ``LanguageModelConfig.packed_sequences``)."""
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        # ZeRO-3 partitions the LM head's weight and gathers it only inside the head's own forward;
+        # the chunked loss reads the weight directly (and again in backward): padded path there
+        partitioned = hasattr(self.model.get_output_embeddings().weight, "ds_id")
+        return bool(self.config.packed_sequences) and not self.encoder_decoder and model_type in PACKED_FAMILIES and not partitioned
+
     def text_loss(self, prompts: Tensor | list[Tensor], texts: list[str], task: str = "caption") -> tuple[Tensor, Tensor]:
         """Cross-entropy on the target tokens only (eq. 8, averaged over tokens) and the text representation.
 
@@ -245,6 +266,38 @@ class RegionLanguageModel(nn.Module):
         states over the positions that predict the caption, L2-normalised: the LM head reads
         the caption off exactly these states, it is differentiable, and it costs nothing extra.
         """
+        return self.text_losses([(prompts, texts, task)])[0]
+
+    def text_losses(self, calls: list[tuple[Tensor | list[Tensor], list[str], str]]) -> list[tuple[Tensor, Tensor]]:
+        """:meth:`text_loss` of several ``(prompts, texts, task)`` calls, in one packed LM forward when packing."""
+        if not self.packs:
+            return [self._padded_text_loss(*call) for call in calls]
+        layout, hidden, nll = self._packed(calls)
+        sums = nll.new_zeros(len(calls)).index_add(0, layout.call, nll)
+        reps = F.normalize(segment_mean(hidden.float(), layout.sequence, layout.sequence_tokens), dim=-1)
+        sizes = [len(texts) for _, texts, _ in calls]
+        return [(sums[c] / max(1, tokens), rep) for c, (tokens, rep) in enumerate(zip(layout.call_tokens, reps.split(sizes)))]
+
+    def _packed(self, calls: list[tuple[Tensor | list[Tensor], list[str], str]]) -> tuple[PackedLayout, Tensor, Tensor]:
+        """One forward of the calls' sequences packed: the layout, the last hidden states of the
+        predicting positions ``(P, d)`` and the target tokens' negative log-likelihoods ``(P,)``."""
+        contexts = [self.context_embeddings(prompts, task) for prompts, _, task in calls]
+        device = contexts[0].device
+        eos = self.tokenizer.eos_token_id
+        unique = list(dict.fromkeys(t for _, texts, _ in calls for t in texts))  # grounding repeats each expression per candidate
+        tokens = dict(zip(unique, self.tokenizer(unique, add_special_tokens=False)["input_ids"])) if unique else {}
+        text_ids = [[tokens[t] + [eos] for t in texts] for _, texts, _ in calls]
+        self.text_tokens += sum(len(ids) for call in text_ids for ids in call)
+        layout = pack_layout([c.shape[1] for c in contexts], [c.shape[0] for c in contexts], text_ids, device)
+        flat = torch.tensor([t for call in text_ids for ids in call for t in ids], dtype=torch.long, device=device)
+        embeds = packed_embeddings(layout, contexts, self.embed(flat))
+        # the whole model's forward (its hooks: peft, FSDP, DeepSpeed), but logits of no position
+        out = self.model(inputs_embeds=embeds, position_ids=layout.position_ids, use_cache=False, output_hidden_states=True,
+                         logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))
+        hidden = out.hidden_states[-1].flatten(0, 1).index_select(0, layout.predict)
+        return layout, hidden, token_nll(hidden, self.model.get_output_embeddings(), layout.targets)
+
+    def _padded_text_loss(self, prompts: Tensor | list[Tensor], texts: list[str], task: str) -> tuple[Tensor, Tensor]:
         logits, targets, hidden = self.teacher_forced(prompts, texts, task)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
         weights = (targets != IGNORE).to(hidden.dtype)[..., None]
@@ -254,6 +307,19 @@ class RegionLanguageModel(nn.Module):
     @torch.no_grad()
     def log_likelihood(self, prompts: Tensor | list[Tensor], texts: list[str], task: str = "referring") -> Tensor:
         """Sum of token log-probabilities of each text (EOS included) given its prompt: ``(R,)``."""
+        return self.log_likelihoods([(prompts, texts, task)])[0]
+
+    @torch.no_grad()
+    def log_likelihoods(self, calls: list[tuple[Tensor | list[Tensor], list[str], str]]) -> list[Tensor]:
+        """:meth:`log_likelihood` of several ``(prompts, texts, task)`` calls, in one packed forward when packing."""
+        if not self.packs:
+            return [self._padded_log_likelihood(*call) for call in calls]
+        layout, _, nll = self._packed(calls)
+        sizes = [len(texts) for _, texts, _ in calls]
+        sums = nll.new_zeros(sum(sizes)).index_add(0, layout.sequence, -nll)
+        return list(sums.split(sizes))
+
+    def _padded_log_likelihood(self, prompts: Tensor | list[Tensor], texts: list[str], task: str) -> Tensor:
         logits, targets, _ = self.teacher_forced(prompts, texts, task)
         logp = logits.float().log_softmax(-1)
         picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]

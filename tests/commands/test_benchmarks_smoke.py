@@ -35,6 +35,8 @@ NEW_BENCHMARKS = {
     "stage2_step": (2, "plain loop"),
     "data": (2, "raw webdataset"),
     "generation": (2, "generate"),
+    "lm_step": (3, "packed"),
+    "evaluation": (1, "batched"),
 }
 
 
@@ -117,7 +119,8 @@ def test_pooling_quick_rows_are_well_formed(one_thread, tmp_path):
         assert isinstance(r["value"], float) and math.isfinite(r["value"]), r
         assert isinstance(r["met"], bool) and r["target"] and r["figure"] and r["note"]
     figures = {r["figure"] for r in rows}
-    assert {"speed-up vs torchvision roi_align", "share of the machine's matmul rate", "our time / floor"} <= figures
+    assert {"speed-up vs torchvision roi_align", "share of the machine's matmul rate", "our time / floor", "summed-area time / floor",
+            "speed-up vs per-region loop (crop), summed-area path"} <= figures
 
     text = runner.report(rows, "python benchmarks/run.py --quick", 1.0)
     assert "| benchmark | figure | value | target | met | note |" in text
@@ -146,5 +149,6 @@ def test_baselines_agree_with_ours_on_tiny_inputs():
     assert z.shape == (2, 5, 12) and len(masks) == 2
     torch.testing.assert_close(bench_pooling.loop_crop(features, boxes, (48, 48)), z, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(bench_pooling.loop_mask(features, boxes, (48, 48)), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bench_pooling.integrals(features, boxes, (48, 48)), z, atol=1e-5, rtol=1e-5)
     nchw = [f.permute(0, 3, 1, 2).contiguous() for f in features]
     assert bench_pooling.osprey_pool(nchw, boxes, (48, 48)).shape == z.shape

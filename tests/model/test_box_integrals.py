@@ -1,0 +1,99 @@
+"""Summed-area box pooling equals the dense soft-mask pooling: values, gradients, the model's dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_BACKBONE_KWARGS
+
+from fineregion_pl.model import box_integrals
+from fineregion_pl.model.box_integrals import box_means, integral_image, pool_levels
+from fineregion_pl.model.encoder import RegionEncoder
+from fineregion_pl.model.region_masks import box_masks, masked_mean
+
+SIZE = (96, 128)  # (H, W): cells of 6 x 8, 12 x 16 ... pixels, non-square on purpose
+LEVELS = [(16, 16, 8), (8, 8, 16), (3, 5, 4)]  # (h, w, d); 96/3 and 128/5 are fractional cell sizes
+
+
+def odd_boxes() -> torch.Tensor:
+    """Fractional, cell-aligned, whole-image, zero-area, reversed, outside, NaN, infinite and tiny boxes."""
+    rows = [
+        [3.3, 5.7, 50.1, 41.9], [0.0, 0.0, 128.0, 96.0], [-20.0, -5.0, 200.0, 300.0], [8.0, 6.0, 16.0, 12.0],
+        [10.0, 10.0, 10.0, 40.0], [30.0, 20.0, 10.0, 50.0], [130.0, 0.0, 150.0, 20.0], [float("nan"), 1.0, 5.0, 5.0],
+        [100.0, 60.0, float("inf"), float("inf")], [64.0, 48.0, 64.001, 48.002], [127.5, 95.5, 128.0, 96.0], [-float("inf"), 0.0, 3.0, 2.0],
+    ]
+    generator = torch.Generator().manual_seed(0)
+    corner = torch.rand(12, 2, generator=generator) * torch.tensor([128.0, 96.0])
+    random = torch.cat([corner, corner + torch.rand(12, 2, generator=generator) * 60], -1)
+    return torch.stack([torch.tensor(rows), random])  # (2, 12, 4)
+
+
+def level_features(seed: int = 1, offset: float = 0.0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, h, w, d, generator=generator) + offset for h, w, d in LEVELS]
+
+
+def dense(features, boxes):
+    return torch.cat([masked_mean(f, box_masks(boxes, SIZE, f.shape[1:3]).to(f.dtype)) for f in features], -1)
+
+
+def test_integral_image_is_the_padded_double_cumsum():
+    f = level_features()[0]
+    table = integral_image(f)
+    assert table.shape == (2, 17, 17, 8) and table.dtype == torch.float64
+    assert torch.equal(table[:, 0], torch.zeros_like(table[:, 0])) and torch.equal(table[:, :, 0], torch.zeros_like(table[:, :, 0]))
+    torch.testing.assert_close(table[:, 1:, 1:], f.double().cumsum(1).cumsum(2))
+
+
+@pytest.mark.parametrize("offset", [0.0, 300.0])  # large means: the cancellation float64 is there for
+def test_box_means_equal_dense_pooling_on_every_kind_of_box(offset):
+    boxes = odd_boxes()
+    features = level_features(offset=offset)
+    ours, reference = pool_levels(features, boxes, SIZE), dense(features, boxes)
+    assert ours.shape == (2, 12, sum(d for *_, d in LEVELS))
+    assert torch.isfinite(ours).all()
+    assert (ours - reference).abs().max() <= 1e-5 * max(1.0, offset)
+    for n in (4, 5, 6, 7):  # zero-area, reversed, outside, NaN: the dense path's empty-mask zeros
+        assert torch.equal(ours[0, n], torch.zeros_like(ours[0, n]))
+    whole = torch.cat([f[0].mean((0, 1)) for f in features])
+    torch.testing.assert_close(ours[0, 1], whole, atol=1e-5 * max(1.0, offset), rtol=0)
+
+
+def test_box_means_gradient_equals_the_normalised_mask():
+    boxes = odd_boxes()
+    f = level_features()[1].requires_grad_(True)
+    g = torch.randn(2, 12, f.shape[-1], generator=torch.Generator().manual_seed(3))
+    (box_means(f, boxes, SIZE) * g).sum().backward()
+    ours = f.grad.clone()
+    f.grad = None
+    (masked_mean(f, box_masks(boxes, SIZE, f.shape[1:3])) * g).sum().backward()
+    torch.testing.assert_close(ours, f.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_features_stay_bfloat16():
+    f = level_features()[0].bfloat16()
+    out = box_means(f, odd_boxes(), SIZE)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - dense([f.float()], odd_boxes())).abs().max() < 0.05
+
+
+def tiny_encoder() -> RegionEncoder:
+    return RegionEncoder(backbone="swin_tiny_patch4_window7_224", feature_levels=[1, 2], backbone_kwargs=dict(TINY_BACKBONE_KWARGS))
+
+
+def test_the_encoder_picks_summed_area_tables_only_when_exact(monkeypatch):
+    encoder = tiny_encoder()
+    features = level_features()[:2]
+    boxes = odd_boxes()
+    dense_z, dense_masks = encoder.pool(features, boxes, SIZE)
+    assert isinstance(dense_masks, list)  # 12 regions < INTEGRAL_MIN_REGIONS: the dense path
+    monkeypatch.setattr(box_integrals, "INTEGRAL_MIN_REGIONS", 1)
+    z, masks = encoder.pool(features, boxes, SIZE)
+    assert isinstance(masks, box_integrals.LazyBoxMasks)
+    assert (z - dense_z).abs().max() <= 1e-5
+    assert all(torch.equal(m, d) for m, d in zip(masks, dense_masks))
+    for kwargs in [dict(hard=True), dict(mask_transform=lambda m: m * 0.5), dict(segmentations=torch.zeros(2, 12, *SIZE))]:
+        _, other = encoder.pool(features, boxes, SIZE, **kwargs)
+        assert isinstance(other, list), kwargs
+    assert box_integrals.use_integrals(features, boxes, exact=True)
+    assert not box_integrals.use_integrals(features, boxes, exact=False)
