@@ -12,6 +12,7 @@ Generation is deterministic: image ``i`` of a split depends only on ``(seed, spl
 from __future__ import annotations
 
 import io
+import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -160,6 +161,30 @@ def iter_scenes(seed: int, split: str, count: int, config: SyntheticConfig = Syn
         yield make_scene(seed, split, index, config)
 
 
+def iter_hard_scenes(seed: int, split: str, count: int) -> Iterator[tuple[Image.Image, dict]]:
+    """The first ``count`` scenes of a split of the ``hard`` variant; a split named
+    ``<split>_<boxes>`` (``test_det02``) is ``<split>``'s images with the test-box variant
+    ``<boxes>`` of :mod:`fineregion_pl.data.test_boxes`."""
+    from fineregion_pl.data.synthetic_hard import render_hard_scene
+    from fineregion_pl.data.test_boxes import variant_record
+
+    base, _, boxes = split.partition("_")
+    for index in range(count):
+        image, record, owner = render_hard_scene(seed, base, index)
+        yield image, (variant_record(record, owner, boxes, seed) if boxes else record)
+
+
+REGION_FACTS = "regions.jsonl"
+FACT_KEYS = ("box_iou", "visible_fraction", "foreign_share", "kind", "expression_kind", "proposal_of", "category")
+
+
+def region_facts(record: dict, region: dict) -> dict:
+    """One line of a hard split's ``regions.jsonl``: what the breakdowns group a region's results by."""
+    facts = {"image_id": record["image_id"], "region_id": region["id"], **{k: region[k] for k in FACT_KEYS if k in region}}
+    facts.update(region.get("attributes", {}))
+    return facts
+
+
 def write_synthetic(
     out: Path,
     sizes: Optional[dict[str, int]] = None,
@@ -167,6 +192,7 @@ def write_synthetic(
     shard_size: int = 500,
     config: SyntheticConfig = SyntheticConfig(),
     progress: bool = True,
+    variant: str = "easy",
 ) -> dict[str, dict]:
     """Write train/val/test shards and a manifest per split; returns the manifests.
 
@@ -175,7 +201,11 @@ def write_synthetic(
         sizes: images per split, default ``{"train": 2000, "val": 200, "test": 300}``.
         seed: benchmark seed; the same seed gives byte-identical shards.
         shard_size: images per shard.
+        variant: ``easy`` (this module's scenes, the quickstart's) or ``hard``
+            (:mod:`fineregion_pl.data.synthetic_hard`, with its default :class:`HardConfig`).
     """
+    if variant not in ("easy", "hard"):
+        raise ValueError(f"synthetic benchmark variant must be 'easy' or 'hard', got {variant!r}")
     sizes = sizes or {"train": 2000, "val": 200, "test": 300}
     manifests = {}
     for split, count in sizes.items():
@@ -183,18 +213,21 @@ def write_synthetic(
         split_dir.mkdir(parents=True, exist_ok=True)
         pattern = str(split_dir / f"{split}-%06d.tar")
         regions = sentences = 0
+        breakdown = []  # the hard variant's per-region facts for the breakdowns (regions.jsonl)
         with shard_writer(pattern, maxcount=shard_size) as writer:
-            scenes = iter_scenes(seed, split, count, config)
+            scenes = iter_scenes(seed, split, count, config) if variant == "easy" else iter_hard_scenes(seed, split, count)
             for image, record in tqdm(scenes, total=count, desc=f"synthetic {split}", disable=not progress):
                 buf = io.BytesIO()
                 image.save(buf, format="JPEG", quality=config.jpeg_quality)
                 writer.write(encode_sample(record["image_id"], buf.getvalue(), record))
                 regions += len(record["regions"])
                 sentences += sum(len(r["captions"]) for r in record["regions"])
+                if variant == "hard":
+                    breakdown += [region_facts(record, r) for r in record["regions"]]
         shards = sorted(p.name for p in split_dir.glob(f"{split}-*.tar"))
         manifest = {
             "split": split,
-            "source": "synthetic",
+            "source": "synthetic" if variant == "easy" else "synthetic-hard",
             "seed": seed,
             "num_images": count,
             "num_regions": regions,
@@ -203,6 +236,8 @@ def write_synthetic(
             "shards": shards,
             "skipped": {},
         }
+        if variant == "hard":
+            (split_dir / REGION_FACTS).write_text("".join(json.dumps(row) + "\n" for row in breakdown))
         write_json_atomic(split_dir / MANIFEST, manifest)
         manifests[split] = manifest
     return manifests
