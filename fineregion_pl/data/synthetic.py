@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -161,19 +161,6 @@ def iter_scenes(seed: int, split: str, count: int, config: SyntheticConfig = Syn
         yield make_scene(seed, split, index, config)
 
 
-def iter_hard_scenes(seed: int, split: str, count: int) -> Iterator[tuple[Image.Image, dict]]:
-    """The first ``count`` scenes of a split of the ``hard`` variant; a split named
-    ``<split>_<boxes>`` (``test_det02``) is ``<split>``'s images with the test-box variant
-    ``<boxes>`` of :mod:`fineregion_pl.data.test_boxes`."""
-    from fineregion_pl.data.synthetic_hard import render_hard_scene
-    from fineregion_pl.data.test_boxes import variant_record
-
-    base, _, boxes = split.partition("_")
-    for index in range(count):
-        image, record, owner = render_hard_scene(seed, base, index)
-        yield image, (variant_record(record, owner, boxes, seed) if boxes else record)
-
-
 REGION_FACTS = "regions.jsonl"
 FACT_KEYS = ("box_iou", "visible_fraction", "foreign_share", "kind", "expression_kind", "proposal_of", "category")
 
@@ -192,7 +179,8 @@ def write_synthetic(
     shard_size: int = 500,
     config: SyntheticConfig = SyntheticConfig(),
     progress: bool = True,
-    variant: str = "easy",
+    scenes: Optional[Callable[[int, str, int], Iterator[tuple[Image.Image, dict]]]] = None,
+    source: str = "synthetic",
 ) -> dict[str, dict]:
     """Write train/val/test shards and a manifest per split; returns the manifests.
 
@@ -201,11 +189,12 @@ def write_synthetic(
         sizes: images per split, default ``{"train": 2000, "val": 200, "test": 300}``.
         seed: benchmark seed; the same seed gives byte-identical shards.
         shard_size: images per shard.
-        variant: ``easy`` (this module's scenes, the quickstart's) or ``hard``
-            (:mod:`fineregion_pl.data.synthetic_hard`, with its default :class:`HardConfig`).
+        scenes: ``(seed, split, count)`` to the split's ``(image, record)`` pairs; default this
+            module's scenes (the quickstart's). Given (the hard variant,
+            :func:`fineregion_pl.data.synthetic_hard.write_hard_synthetic`), each split also gets a
+            ``regions.jsonl`` of :func:`region_facts` for the breakdowns.
+        source: the manifests' ``source``.
     """
-    if variant not in ("easy", "hard"):
-        raise ValueError(f"synthetic benchmark variant must be 'easy' or 'hard', got {variant!r}")
     sizes = sizes or {"train": 2000, "val": 200, "test": 300}
     manifests = {}
     for split, count in sizes.items():
@@ -215,19 +204,19 @@ def write_synthetic(
         regions = sentences = 0
         breakdown = []  # the hard variant's per-region facts for the breakdowns (regions.jsonl)
         with shard_writer(pattern, maxcount=shard_size) as writer:
-            scenes = iter_scenes(seed, split, count, config) if variant == "easy" else iter_hard_scenes(seed, split, count)
-            for image, record in tqdm(scenes, total=count, desc=f"synthetic {split}", disable=not progress):
+            pairs = iter_scenes(seed, split, count, config) if scenes is None else scenes(seed, split, count)
+            for image, record in tqdm(pairs, total=count, desc=f"synthetic {split}", disable=not progress):
                 buf = io.BytesIO()
                 image.save(buf, format="JPEG", quality=config.jpeg_quality)
                 writer.write(encode_sample(record["image_id"], buf.getvalue(), record))
                 regions += len(record["regions"])
                 sentences += sum(len(r["captions"]) for r in record["regions"])
-                if variant == "hard":
+                if scenes is not None:
                     breakdown += [region_facts(record, r) for r in record["regions"]]
         shards = sorted(p.name for p in split_dir.glob(f"{split}-*.tar"))
         manifest = {
             "split": split,
-            "source": "synthetic" if variant == "easy" else "synthetic-hard",
+            "source": source,
             "seed": seed,
             "num_images": count,
             "num_regions": regions,
@@ -236,7 +225,7 @@ def write_synthetic(
             "shards": shards,
             "skipped": {},
         }
-        if variant == "hard":
+        if scenes is not None:
             (split_dir / REGION_FACTS).write_text("".join(json.dumps(row) + "\n" for row in breakdown))
         write_json_atomic(split_dir / MANIFEST, manifest)
         manifests[split] = manifest

@@ -25,12 +25,15 @@ of a split depends only on ``(seed, split, i)``, and the same seed gives byte-id
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fineregion_pl.data.synthetic import COLOURS, SHAPES, _draw_shape, relation
+from fineregion_pl.data.synthetic import COLOURS, SHAPES, _draw_shape, relation, write_synthetic
+from fineregion_pl.data.test_boxes import foreign_share, variant_record
 
 HARD_SIZES = {"tiny": (8, 12), "small": (14, 20), "medium": (26, 34), "large": (40, 56)}
 RELATIONS_ORDER = ["left", "right", "above", "below"]
@@ -189,15 +192,6 @@ def make_hard_scene(seed: int, split: str, index: int, config: HardConfig = Hard
     return image, record
 
 
-def foreign_share(owner: np.ndarray, box, own: int) -> float:
-    """Fraction of the pixels of ``box`` (xyxy, rounded inwards to whole pixels) owned by a shape other than ``own``."""
-    size = owner.shape[0]
-    x0, y0 = (max(0, min(size, int(np.ceil(v)))) for v in box[:2])
-    x1, y1 = (max(0, min(size, int(np.floor(v)))) for v in box[2:])
-    in_box = owner[y0:max(y0, y1), x0:max(x0, x1)]
-    return float(((in_box >= 0) & (in_box != own)).sum()) / max(1, in_box.size)
-
-
 def render_hard_scene(seed: int, split: str, index: int, config: HardConfig = HardConfig()) -> tuple[Image.Image, dict, np.ndarray]:
     """:func:`make_hard_scene` plus the owner map: ``(H, W)`` int, the drawing index of the shape
     each pixel shows (-1: background); each region's ``shape_index`` is its index there."""
@@ -253,3 +247,19 @@ def render_hard_scene(seed: int, split: str, index: int, config: HardConfig = Ha
         "vision_questions": _vision_questions(rng, regions),
     }
     return image, record, owner
+
+
+def iter_hard_scenes(seed: int, split: str, count: int) -> Iterator[tuple[Image.Image, dict]]:
+    """The first ``count`` scenes of a split of the ``hard`` variant; a split named
+    ``<split>_<boxes>`` (``test_det02``) is ``<split>``'s images with the test-box variant
+    ``<boxes>`` of :mod:`fineregion_pl.data.test_boxes`."""
+    base, _, boxes = split.partition("_")
+    for index in range(count):
+        image, record, owner = render_hard_scene(seed, base, index)
+        yield image, (variant_record(record, owner, boxes, seed) if boxes else record)
+
+
+def write_hard_synthetic(out: Path, sizes: dict[str, int], seed: int = 0, shard_size: int = 500, progress: bool = True) -> dict[str, dict]:
+    """Write the hard benchmark's splits (``<split>_<boxes>`` names a test-box variant of
+    ``<split>``'s images, e.g. ``test_det02``), each with ``manifest.json`` and ``regions.jsonl``."""
+    return write_synthetic(out, sizes, seed=seed, shard_size=shard_size, progress=progress, scenes=iter_hard_scenes, source="synthetic-hard")

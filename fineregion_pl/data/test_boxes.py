@@ -22,6 +22,8 @@ from __future__ import annotations
 import random
 from typing import Optional
 
+import numpy as np
+
 Box = tuple[float, float, float, float]
 VARIANTS = ("gt", "det01", "det02", "loose", "ground")
 
@@ -84,11 +86,18 @@ def proposal_box(box, rng: random.Random, size: int, iou_range=(0.3, 0.7), tries
     return None
 
 
+def foreign_share(owner: np.ndarray, box, own: int) -> float:
+    """Fraction of the pixels of ``box`` (xyxy, rounded inwards to whole pixels) owned by a shape other than ``own``."""
+    size = owner.shape[0]
+    x0, y0 = (max(0, min(size, int(np.ceil(v)))) for v in box[:2])
+    x1, y1 = (max(0, min(size, int(np.floor(v)))) for v in box[2:])
+    in_box = owner[y0:max(y0, y1), x0:max(x0, x1)]
+    return float(((in_box >= 0) & (in_box != own)).sum()) / max(1, in_box.size)
+
+
 def variant_record(record: dict, owner, variant: str, seed: int, proposals: int = 2) -> dict:
     """``record`` with its regions' boxes replaced for ``variant`` (see the module docstring) and
     annotated with ``true_box``, ``box_iou``, ``foreign_share`` (in the test box)."""
-    from fineregion_pl.data.synthetic_hard import foreign_share
-
     if variant not in VARIANTS:
         raise ValueError(f"test-box variant must be one of {list(VARIANTS)}, got {variant!r}")
     rng = random.Random(f"{variant}/{seed}/{record['split']}/{record['image_id']}")

@@ -39,7 +39,7 @@ from fineregion_pl.model.errors import BadInputError
 from fineregion_pl.model.fingerprint import check_fingerprint
 from fineregion_pl.model.images import as_rgb
 from fineregion_pl.model.language_model import LanguageModelConfig, LoraSettings, RegionLanguageModel
-from fineregion_pl.model.losses import consistency_loss, mask_loss
+from fineregion_pl.model.losses import consistency_loss, mask_loss, view_consistency_loss
 from fineregion_pl.model.region_prompt import PromptMode, RegionPrompt
 from fineregion_pl.model.vision_model import RegionOutputs, RegionVisionModel
 
@@ -221,8 +221,14 @@ class RegionCaptioner(nn.Module):
         referring: bool = False,
         spatial: bool = False,
         classification: bool = False,
+        consistency_pairing: str = "paper",
     ) -> dict[str, Tensor]:
         """The unweighted stage-2 loss terms of a batch (the caller weights and sums them).
+
+        ``consistency_pairing`` picks what ``consistency_loss`` pulls together: ``paper`` (every
+        intersecting pair, eq. 9), ``iou`` (pairs weighted by their IoU) or ``views`` (each region
+        with itself pooled under a second, independent dynamic perturbation: one more vision and
+        LM forward).
 
         Always ``caption_loss`` (eq. 8) and ``consistency_loss`` (eq. 9); ``mask_loss`` (``L_mask``),
         ``referring_loss``, ``spatial_loss`` and ``cls_loss`` when asked for and the batch has
@@ -238,7 +244,13 @@ class RegionCaptioner(nn.Module):
         caption, rep = self.language.text_loss(prompts, texts, "caption")
         reps = rep.new_zeros(*out.region_valid.shape, rep.shape[-1])
         reps[index[:, 0], index[:, 1]] = rep
-        result = {"caption_loss": caption, "consistency_loss": consistency_loss(reps, out.boxes, out.region_valid)}
+        if consistency_pairing == "views":
+            second = self.encode(batch)
+            _, rep_b = self.language.text_loss(second.prompts, [batch["captions"][b][n] for b, n in second.index.tolist()], "caption")
+            consistency = view_consistency_loss(rep, rep_b) if second.index.shape == index.shape and bool((second.index == index).all()) else rep.sum() * 0.0
+        else:
+            consistency = consistency_loss(reps, out.boxes, out.region_valid, consistency_pairing)
+        result = {"caption_loss": caption, "consistency_loss": consistency}
         if mask:
             result["mask_loss"] = mask_loss(out.attn_logits, out.target_masks, out.region_valid)
         if referring:

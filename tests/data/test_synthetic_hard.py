@@ -13,7 +13,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from fineregion_pl.data.synthetic import relation, write_synthetic
-from fineregion_pl.data.synthetic_hard import HARD_SIZES, RELATION_PHRASES, _attribute_expressions, make_hard_scene, render_hard_scene
+from fineregion_pl.data.synthetic_hard import HARD_SIZES, RELATION_PHRASES, _attribute_expressions, make_hard_scene, render_hard_scene, write_hard_synthetic
 from fineregion_pl.data.test_boxes import box_iou, detector_box, loose_box, proposal_box, variant_record
 
 # sha256 of write_synthetic(d, {"train": 6, "test": 4}, seed=3, shard_size=4) on main before the
@@ -38,7 +38,7 @@ def test_easy_benchmark_is_byte_for_byte_unchanged(tmp_path):
 def test_hard_benchmark_is_byte_reproducible_and_seeded(tmp_path):
     sizes = {"train": 3, "test": 2, "test_det02": 2, "test_ground": 2}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        write_synthetic(tmp_path / name, sizes, seed=seed, progress=False, variant="hard")
+        write_hard_synthetic(tmp_path / name, sizes, seed=seed, progress=False)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
     manifest = json.loads((tmp_path / "a" / "test" / "manifest.json").read_text())
