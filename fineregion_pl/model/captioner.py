@@ -61,7 +61,7 @@ class CaptionerConfig:
         masking: region pooling: ``dynamic``, ``hard`` or ``none``.
         dynamic: training-time perturbations of ``dynamic`` masking.
         use_segmentation: pool regions with their segmentation mask where the batch has one.
-        prompt_mode: ``adaptive`` (the method) or ``static``.
+        prompt_mode: ``adaptive`` (the method), ``static`` or ``static_geometry``.
         prompt_tokens: ``k``, soft prompt tokens per region (plus one region token).
         prompt_hidden: hidden size of the adaptive prompt generator.
         language_model: the Hugging Face LM, its LoRA settings and the task templates.

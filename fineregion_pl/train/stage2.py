@@ -49,7 +49,8 @@ class Stage2Module(L.LightningModule):
         masking: region pooling: ``dynamic``, ``hard`` or ``none``.
         dynamic: training-time perturbations of ``dynamic`` masking.
         use_segmentation: pool regions with their segmentation mask where the data has one.
-        prompt_mode: ``adaptive`` (the method) or ``static`` (the "no adaptive prompts" ablation).
+        prompt_mode: ``adaptive`` (the method), ``static`` (the "no adaptive prompts" ablation) or
+            ``static_geometry`` (learned tokens that follow only the box geometry, pair token kept).
         prompt_tokens: ``k``, soft prompt tokens per region (plus one region token).
         prompt_hidden: hidden size of the adaptive prompt generator.
         freeze_encoder: keep the vision encoder fixed in stage 2.

@@ -112,3 +112,18 @@ def test_consistency_pairings():
     assert view_consistency_loss(a, a) == 0 and torch.isclose(view_consistency_loss(a, a + 1), torch.tensor(8.0))
     with pytest.raises(ValueError, match="must be 'paper' or 'iou'"):
         consistency_loss(reps, boxes, valid, "views")
+
+
+def test_static_geometry_prompts_follow_the_box_but_not_the_content():
+    from fineregion_pl.model.region_prompt import RegionPrompt
+
+    torch.manual_seed(0)
+    prompt = RegionPrompt(z_dim=12, lm_dim=16, num_tokens=3, mode="static_geometry", hidden=8)
+    z, context = torch.randn(3, 12), torch.randn(3, 12)
+    geometry = torch.rand(1, 7).expand(3, 7).clone()
+    geometry[2] += 0.5
+    tokens = prompt(z, context, geometry)
+    assert torch.allclose(tokens[0, :3], tokens[1, :3]) and not torch.allclose(tokens[0, :3], tokens[2, :3])
+    assert not torch.allclose(tokens[0, 3], tokens[1, 3])  # the region token still reads z
+    assert prompt.pair_token(geometry, geometry.flip(0)).shape == (3, 1, 16)
+    assert RegionPrompt(12, 16, 3, "static", 8).pair_token(geometry, geometry) is None
