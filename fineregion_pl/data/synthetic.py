@@ -162,7 +162,7 @@ def iter_scenes(seed: int, split: str, count: int, config: SyntheticConfig = Syn
 
 
 REGION_FACTS = "regions.jsonl"
-FACT_KEYS = ("box_iou", "visible_fraction", "foreign_share", "kind", "expression_kind", "proposal_of", "category")
+FACT_KEYS = ("box_iou", "visible_fraction", "foreign_share", "kind", "expression_kind", "proposal_of", "category", "intersects")
 
 
 def region_facts(record: dict, region: dict) -> dict:

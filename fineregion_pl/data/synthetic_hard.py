@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fineregion_pl.data.synthetic import COLOURS, SHAPES, _draw_shape, relation, write_synthetic
-from fineregion_pl.data.test_boxes import foreign_share, variant_record
+from fineregion_pl.data.test_boxes import box_iou, foreign_share, variant_record
 
 HARD_SIZES = {"tiny": (8, 12), "small": (14, 20), "medium": (26, 34), "large": (40, 56)}
 RELATIONS_ORDER = ["left", "right", "above", "below"]
@@ -229,6 +229,8 @@ def render_hard_scene(seed: int, split: str, index: int, config: HardConfig = Ha
             "kind": s["kind"],
             "shape_index": k,
         })
+    for r in regions:  # the pairs eq. 9 pulls together (P3 scores caption exactness on these)
+        r["intersects"] = any(o is not r and box_iou(o["box"], r["box"]) > 0 for o in regions)
     _referring(regions)
     questions = []
     pairs = [(i, j) for i in range(len(regions)) for j in range(len(regions)) if i != j]
