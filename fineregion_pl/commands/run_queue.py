@@ -138,7 +138,7 @@ def run_all(runs: list[Run], jobs: int = 1, threads: Optional[int] = None) -> li
     return completed
 
 
-def sequence(commands: list[str]) -> None:
+def sequence(commands: Optional[list[str]] = None) -> None:
     """Run ``fineregion-pl`` Lightning command lines one after the other in this process.
 
     Args:
@@ -149,6 +149,6 @@ def sequence(commands: list[str]) -> None:
 
     from fineregion_pl.train.cli import run_lightning
 
-    for line in commands:
+    for line in commands or []:
         print(f"\n$ fineregion-pl {line}", flush=True)
         run_lightning(shlex.split(line))
