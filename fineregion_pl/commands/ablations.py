@@ -10,7 +10,6 @@ a finished run is not run again, so an interrupted comparison continues. Runs go
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import statistics
@@ -22,6 +21,7 @@ from typing import Optional
 import yaml
 
 from fineregion_pl.commands.run_configs import CONFIGS, recipe, write_run_config
+from fineregion_pl.commands.run_configs import overlay_key as _key
 from fineregion_pl.commands.run_queue import Run, run_all
 from fineregion_pl.model.errors import FineRegionError
 
@@ -54,10 +54,6 @@ def load_rows(names: Optional[list[str]] = None) -> dict[str, dict]:
             raise ValueError(f"{available[name]}: missing key(s) {sorted(missing)}")
         rows[name] = row
     return rows
-
-
-def _key(overlay: dict) -> str:
-    return hashlib.sha1(json.dumps(overlay, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def row_dir(root: Path, name: str, seed: int) -> Path:

@@ -20,14 +20,14 @@ from typing import Optional
 
 import yaml
 
+from fineregion_pl.commands.hard_report import STAGE1_SPLITS, TEST_SPLITS, write_report
 from fineregion_pl.commands.run_configs import CONFIGS, recipe, write_run_config
+from fineregion_pl.commands.run_configs import overlay_key as _key
 from fineregion_pl.commands.run_queue import Run, run_all
 
 HARD_DIR = CONFIGS / "ablations" / "hard"
 STAGE1_ORDER = ["s1_global", "s1_hard", "s1_soft", "s1_dynamic", "s1_full", "s1_no_lmask", "s1_segmentation", "s1_roi_align_7x7"]
 STAGE2_ORDER = ["full", "static_geometry", "consistency_0", "consistency_10x"]
-TEST_SPLITS = ["test_gt", "test_det01", "test_det02", "test_loose", "test_ground"]
-STAGE1_SPLITS = TEST_SPLITS[:4]  # the grounding variant's extra boxes only matter to grounding (stage 2)
 VAL_SPLITS = ["val_gt", "val_det02"]
 EVAL_MAX_REGIONS = 64  # the grounding variant adds two proposals per region
 TUNE = {"row": "s1_full", "key": "model.init_args.dynamic.strength", "values": [0.5, 1.0, 2.0], "split": "val_det02"}
@@ -79,12 +79,6 @@ def in_one_process(commands: list[list[str]]) -> list[str]:
 
 def in_one_process_lines(lines: list[str]) -> list[str]:
     return ["sequence", "--commands", json.dumps(lines)]
-
-
-def _key(overlay: dict) -> str:
-    from fineregion_pl.commands.ablations import _key as key
-
-    return key(overlay)
 
 
 def load_hard_rows(names: Optional[list[str]] = None) -> dict[str, dict]:
@@ -246,8 +240,6 @@ def hard_suite(
         java: score captions with Java (PTB tokenizer, METEOR).
         size: explicit sizes (default :data:`FULL`, or :data:`SMOKE` with ``smoke``).
     """
-    from fineregion_pl.commands.hard_report import write_report
-
     started = time.time()
     size = size or (SMOKE if smoke else FULL)
     root = Path(workdir)
