@@ -62,7 +62,8 @@ class SuiteSize:
         }
 
 
-# sized by the measured smoke extrapolation (docs/results.md, "Run time"): see estimate_seconds
+# provisional sizes (docs/results.md, "Run time": about 80 min estimated from the easy suite);
+# check with `fineregion-pl ablations --suite hard --estimate true` in a quiet window, shrink steps first if > 2.5 h
 FULL = SuiteSize(train_images=2000, val_images=100, test_images=150, stage1_steps=500, stage2_steps=250, lm_steps=300,
                  stage1_seeds=(0, 1, 2, 3, 4), stage2_seeds=(0, 1, 2))
 SMOKE = SuiteSize(train_images=12, val_images=3, test_images=3, stage1_steps=2, stage2_steps=2, lm_steps=4,
