@@ -10,7 +10,6 @@ a finished run is not run again, so an interrupted comparison continues. Runs go
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import statistics
@@ -22,7 +21,9 @@ from typing import Optional
 import yaml
 
 from fineregion_pl.commands.run_configs import CONFIGS, recipe, write_run_config
+from fineregion_pl.commands.run_configs import overlay_key as _key
 from fineregion_pl.commands.run_queue import Run, run_all
+from fineregion_pl.model.errors import FineRegionError
 
 ROWS_DIR = CONFIGS / "ablations" / "rows"
 ROW_ORDER = ["global", "roi_align", "full", "no_masking", "no_dynamic", "static_prompts"]
@@ -53,10 +54,6 @@ def load_rows(names: Optional[list[str]] = None) -> dict[str, dict]:
             raise ValueError(f"{available[name]}: missing key(s) {sorted(missing)}")
         rows[name] = row
     return rows
-
-
-def _key(overlay: dict) -> str:
-    return hashlib.sha1(json.dumps(overlay, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def row_dir(root: Path, name: str, seed: int) -> Path:
@@ -156,8 +153,16 @@ def ablations(
     stage2_steps: Optional[int] = None,
     lm_steps: int = 300,
     jobs: int = 2,
+    suite: str = "easy",
+    smoke: bool = False,
+    estimate: bool = False,
 ) -> dict:
     """Run the comparison rows over seeds and write Table 1 and Table 2 (mean ± std).
+
+    ``--suite hard`` runs the hard benchmark's suite instead (:mod:`fineregion_pl.commands.hard_suite`:
+    its own rows, seeds and sizes; ``rows``, ``workdir``, ``out`` and ``jobs`` apply, the size
+    arguments do not); ``--smoke true`` runs it at toy size end to end, ``--estimate true``
+    measures calibration runs and prints the full suite's extrapolated run time.
 
     Args:
         rows: row names (``configs/ablations/rows/*.yaml``); default all.
@@ -169,8 +174,16 @@ def ablations(
         lm_steps: pretraining steps of the tiny LM.
         jobs: runs side by side, each in its own process with ``cores // jobs`` threads
             (1: one after the other, in this process).
+        suite: ``easy`` (Table 1 and 2 on the quickstart's benchmark) or ``hard``.
+        smoke: with ``--suite hard``: toy sizes (about a minute), results in ``WORKDIR/results.md``.
+        estimate: with ``--suite hard``: calibrate and print the full suite's run time, run nothing else.
     """
     from fineregion_pl.commands.quickstart import prepare_benchmark
+
+    if suite not in ("easy", "hard"):
+        raise FineRegionError(f"--suite must be 'easy' or 'hard', got {suite!r}")
+    if suite == "hard":
+        return _hard(rows, workdir, out, jobs, smoke, estimate)
 
     started = time.time()
     root = Path(workdir)
@@ -187,6 +200,25 @@ def ablations(
     (root / "summary.json").write_text(json.dumps({n: {k: list(v) for k, v in s.items()} for n, s in summary.items()}, indent=1))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
+        old = Path(out).read_text() if Path(out).is_file() else ""
+        hard = old[old.index(HARD_SECTION):] if HARD_SECTION in old else ""  # the hard suite's predictions and results stay
+        Path(out).write_text(text + ("\n" + hard if hard else ""))
         print(f"tables written to {out}")
     return summary
+
+
+HARD_SECTION = "# Hard mode"
+
+
+def _hard(rows: Optional[list[str]], workdir: str, out: Optional[str], jobs: int, smoke: bool, estimate: bool) -> dict:
+    from fineregion_pl.commands.hard_suite import FULL, calibrate, estimate_seconds, hard_suite, load_hard_rows
+
+    workdir = "runs/ablations-hard" if workdir == "runs/ablations" else workdir
+    if estimate:
+        calibration = calibrate(str(Path(workdir) / "calibration"))
+        result = {"calibration": calibration, **estimate_seconds(calibration, FULL, load_hard_rows(rows), jobs)}
+        print(json.dumps(result, indent=1))
+        print(f"estimated run time of the full hard suite: {result['total_seconds'] / 3600:.2f} h with {jobs} runs side by side")
+        (Path(workdir) / "estimate.json").write_text(json.dumps(result, indent=1))
+        return result
+    return hard_suite(rows, workdir, out, smoke=smoke, jobs=jobs, java=not smoke)

@@ -28,6 +28,7 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
     from fineregion_pl.commands.rate.prepare import prepare
     from fineregion_pl.commands.rate.report import report
     from fineregion_pl.commands.rate.serve import serve as rate_serve
+    from fineregion_pl.commands.run_queue import sequence
     from fineregion_pl.commands.serve import serve
 
     return {
@@ -39,7 +40,8 @@ def _plain_verbs() -> dict[str, tuple[Callable, str]]:
         "detect": (detect, "boxes for every object of a folder of images from a torchvision detector, as a COCO results file for predict"),
         "evaluate": (evaluate, "score a predictions file (ours, GLaMM's, Osprey's, Groma's, GRiT's) against a published annotation file, by a named protocol"),
         "data": (data_verbs(), "data check DIR: validate a shard set (decodes, boxes, categories, manifest counts) before training"),
-        "ablations": (ablations, "Table 1 (methods) and Table 2 (ablations) on the synthetic benchmark, over seeds"),
+        "ablations": (ablations, "Table 1 (methods) and Table 2 (ablations) on the synthetic benchmark, over seeds (--suite hard: the hard suite)"),
+        "sequence": (sequence, "several fit/validate/test/predict command lines in one process (the suites' runs: imports paid once)"),
         "rate": ({"prepare": prepare, "serve": rate_serve, "report": report}, "human evaluation (Table 3): prepare a blinded study, serve its rating page, report means, CIs, agreement"),
     }
 

@@ -40,6 +40,14 @@ def recipe(relative: str) -> Path:
     return path
 
 
+def overlay_key(overlay: dict) -> str:
+    """A short stable name for a config overlay (runs with equal overlays share a folder)."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(overlay, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def deep_merge(base: dict, overlay: dict) -> dict:
     """``base`` updated by ``overlay`` recursively (dicts merge, everything else replaces)."""
     merged = copy.deepcopy(base)

@@ -52,14 +52,16 @@ def _finish(run: Run, started: float) -> None:
         tmp.replace(run.done)
 
 
-def _threads_env(jobs: int) -> dict[str, str]:
+def _threads_env(jobs: int, threads: Optional[int] = None) -> dict[str, str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # a SLURM allocation, not the node
-    threads = str(max(1, cores // jobs))
+    threads = str(threads or max(1, cores // jobs))
     return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
-def run_all(runs: list[Run], jobs: int = 1) -> list[Run]:
+def run_all(runs: list[Run], jobs: int = 1, threads: Optional[int] = None) -> list[Run]:
     """Run every unfinished run, respecting ``after``; return the runs in the order they finished.
+
+    ``threads``: torch threads of each child process (default: ``cores // jobs``).
 
     A failing run stops the whole queue (runs in flight are stopped) with a one-line error naming
     the run, its command and its log.
@@ -85,14 +87,19 @@ def run_all(runs: list[Run], jobs: int = 1) -> list[Run]:
             started = time.time()
             print(f"[{len(completed) + 1}/{total}] {run.name} ...", flush=True)
             for command in run.commands:
-                run_lightning(command)
+                if command[:2] == ["sequence", "--commands"]:
+                    import json
+
+                    sequence(json.loads(command[2]))
+                else:
+                    run_lightning(command)
             _finish(run, started)
             report(run)
         return completed
 
     # fewer runs than jobs to start with (one row, one seed): fewer, wider processes
     jobs = min(jobs, max(1, sum(1 for run in todo if not run.after or run.after in finished)))
-    env = _threads_env(jobs)
+    env = _threads_env(jobs, threads)
     running: dict[str, tuple[Run, subprocess.Popen, float, list[list[str]]]] = {}
     try:
         while todo or running:
@@ -129,3 +136,19 @@ def run_all(runs: list[Run], jobs: int = 1) -> list[Run]:
                 process.terminate()
                 process.wait()
     return completed
+
+
+def sequence(commands: Optional[list[str]] = None) -> None:
+    """Run ``fineregion-pl`` Lightning command lines one after the other in this process.
+
+    Args:
+        commands: each a shell-quoted command line without the program name
+            (``"predict --config a.yaml --ckpt_path last.ckpt"``).
+    """
+    import shlex
+
+    from fineregion_pl.train.cli import run_lightning
+
+    for line in commands or []:
+        print(f"\n$ fineregion-pl {line}", flush=True)
+        run_lightning(shlex.split(line))

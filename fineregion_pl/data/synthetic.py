@@ -12,8 +12,9 @@ Generation is deterministic: image ``i`` of a split depends only on ``(seed, spl
 from __future__ import annotations
 
 import io
+import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -160,6 +161,17 @@ def iter_scenes(seed: int, split: str, count: int, config: SyntheticConfig = Syn
         yield make_scene(seed, split, index, config)
 
 
+REGION_FACTS = "regions.jsonl"
+FACT_KEYS = ("box_iou", "visible_fraction", "foreign_share", "kind", "expression_kind", "proposal_of", "category", "intersects")
+
+
+def region_facts(record: dict, region: dict) -> dict:
+    """One line of a hard split's ``regions.jsonl``: what the breakdowns group a region's results by."""
+    facts = {"image_id": record["image_id"], "region_id": region["id"], **{k: region[k] for k in FACT_KEYS if k in region}}
+    facts.update(region.get("attributes", {}))
+    return facts
+
+
 def write_synthetic(
     out: Path,
     sizes: Optional[dict[str, int]] = None,
@@ -167,6 +179,8 @@ def write_synthetic(
     shard_size: int = 500,
     config: SyntheticConfig = SyntheticConfig(),
     progress: bool = True,
+    scenes: Optional[Callable[[int, str, int], Iterator[tuple[Image.Image, dict]]]] = None,
+    source: str = "synthetic",
 ) -> dict[str, dict]:
     """Write train/val/test shards and a manifest per split; returns the manifests.
 
@@ -175,6 +189,11 @@ def write_synthetic(
         sizes: images per split, default ``{"train": 2000, "val": 200, "test": 300}``.
         seed: benchmark seed; the same seed gives byte-identical shards.
         shard_size: images per shard.
+        scenes: ``(seed, split, count)`` to the split's ``(image, record)`` pairs; default this
+            module's scenes (the quickstart's). Given (the hard variant,
+            :func:`fineregion_pl.data.synthetic_hard.write_hard_synthetic`), each split also gets a
+            ``regions.jsonl`` of :func:`region_facts` for the breakdowns.
+        source: the manifests' ``source``.
     """
     sizes = sizes or {"train": 2000, "val": 200, "test": 300}
     manifests = {}
@@ -183,18 +202,21 @@ def write_synthetic(
         split_dir.mkdir(parents=True, exist_ok=True)
         pattern = str(split_dir / f"{split}-%06d.tar")
         regions = sentences = 0
+        breakdown = []  # the hard variant's per-region facts for the breakdowns (regions.jsonl)
         with shard_writer(pattern, maxcount=shard_size) as writer:
-            scenes = iter_scenes(seed, split, count, config)
-            for image, record in tqdm(scenes, total=count, desc=f"synthetic {split}", disable=not progress):
+            pairs = iter_scenes(seed, split, count, config) if scenes is None else scenes(seed, split, count)
+            for image, record in tqdm(pairs, total=count, desc=f"synthetic {split}", disable=not progress):
                 buf = io.BytesIO()
                 image.save(buf, format="JPEG", quality=config.jpeg_quality)
                 writer.write(encode_sample(record["image_id"], buf.getvalue(), record))
                 regions += len(record["regions"])
                 sentences += sum(len(r["captions"]) for r in record["regions"])
+                if scenes is not None:
+                    breakdown += [region_facts(record, r) for r in record["regions"]]
         shards = sorted(p.name for p in split_dir.glob(f"{split}-*.tar"))
         manifest = {
             "split": split,
-            "source": "synthetic",
+            "source": source,
             "seed": seed,
             "num_images": count,
             "num_regions": regions,
@@ -203,6 +225,8 @@ def write_synthetic(
             "shards": shards,
             "skipped": {},
         }
+        if scenes is not None:
+            (split_dir / REGION_FACTS).write_text("".join(json.dumps(row) + "\n" for row in breakdown))
         write_json_atomic(split_dir / MANIFEST, manifest)
         manifests[split] = manifest
     return manifests

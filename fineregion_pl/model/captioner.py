@@ -39,7 +39,7 @@ from fineregion_pl.model.errors import BadInputError
 from fineregion_pl.model.fingerprint import check_fingerprint
 from fineregion_pl.model.images import as_rgb
 from fineregion_pl.model.language_model import LanguageModelConfig, LoraSettings, RegionLanguageModel
-from fineregion_pl.model.losses import consistency_loss, mask_loss
+from fineregion_pl.model.losses import consistency_loss, mask_loss, view_consistency_loss
 from fineregion_pl.model.region_prompt import PromptMode, RegionPrompt
 from fineregion_pl.model.vision_model import RegionOutputs, RegionVisionModel
 
@@ -61,7 +61,7 @@ class CaptionerConfig:
         masking: region pooling: ``dynamic``, ``hard`` or ``none``.
         dynamic: training-time perturbations of ``dynamic`` masking.
         use_segmentation: pool regions with their segmentation mask where the batch has one.
-        prompt_mode: ``adaptive`` (the method) or ``static``.
+        prompt_mode: ``adaptive`` (the method), ``static`` or ``static_geometry``.
         prompt_tokens: ``k``, soft prompt tokens per region (plus one region token).
         prompt_hidden: hidden size of the adaptive prompt generator.
         language_model: the Hugging Face LM, its LoRA settings and the task templates.
@@ -221,8 +221,14 @@ class RegionCaptioner(nn.Module):
         referring: bool = False,
         spatial: bool = False,
         classification: bool = False,
+        consistency_pairing: str = "paper",
     ) -> dict[str, Tensor]:
         """The unweighted stage-2 loss terms of a batch (the caller weights and sums them).
+
+        ``consistency_pairing`` picks what ``consistency_loss`` pulls together: ``paper`` (every
+        intersecting pair, eq. 9), ``iou`` (pairs weighted by their IoU) or ``views`` (each region
+        with itself pooled under a second, independent dynamic perturbation: one more vision and
+        LM forward).
 
         Always ``caption_loss`` (eq. 8) and ``consistency_loss`` (eq. 9); ``mask_loss`` (``L_mask``),
         ``referring_loss``, ``spatial_loss`` and ``cls_loss`` when asked for and the batch has
@@ -248,7 +254,13 @@ class RegionCaptioner(nn.Module):
         caption, rep = terms["caption_loss"]
         reps = rep.new_zeros(*out.region_valid.shape, rep.shape[-1])
         reps[index[:, 0], index[:, 1]] = rep
-        result = {"caption_loss": caption, "consistency_loss": consistency_loss(reps, out.boxes, out.region_valid)}
+        if consistency_pairing == "views":
+            second = self.encode(batch)
+            _, rep_b = self.language.text_loss(second.prompts, [batch["captions"][b][n] for b, n in second.index.tolist()], "caption")
+            consistency = view_consistency_loss(rep, rep_b) if second.index.shape == index.shape and bool((second.index == index).all()) else rep.sum() * 0.0
+        else:
+            consistency = consistency_loss(reps, out.boxes, out.region_valid, consistency_pairing)
+        result = {"caption_loss": caption, "consistency_loss": consistency}
         if mask:
             result["mask_loss"] = mask_loss(out.attn_logits, out.target_masks, out.region_valid)
         result.update({name: loss for name, (loss, _) in terms.items() if name != "caption_loss"})

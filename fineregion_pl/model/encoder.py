@@ -14,6 +14,9 @@ from torch import Tensor, nn
 from fineregion_pl.model.box_integrals import LazyBoxMasks, integrals_exact, pool_levels, use_integrals
 from fineregion_pl.model.errors import BadInputError
 from fineregion_pl.model.region_masks import area_downsample, box_masks, merge_masks
+from fineregion_pl.model.roi_pooling import RoIAlignPooling, roi_grid
+
+POOLINGS = ("mask", "attention", "roi_align", "roi_align_7x7")
 
 
 @dataclass
@@ -92,9 +95,13 @@ class RegionEncoder(nn.Module):
             ``embed_dim``, ``depths``, ``num_heads``, ``window_size``, ``img_size`` here).
         grad_checkpointing: recompute backbone activations in backward to save memory.
         freeze_stages: freeze the patch embedding and the first ``k`` stages.
-        pooling: ``mask`` (masked average over the region's cells, the method) or ``roi_align``
-            (torchvision RoIAlign of each box to 1x1 per level: the GPT4RoI / ControlCap way,
-            a baseline; it ignores the masking mode's mask shape).
+        pooling: ``mask`` (masked average over the region's cells, the method), ``attention``
+            (the masked average is the query of the region attention map, and the region is
+            pooled with that map: :mod:`~fineregion_pl.model.attention_pooling`, applied by the
+            vision model), ``roi_align`` (torchvision RoIAlign of each box to 1x1 per level: the
+            GPT4RoI / ControlCap way, a baseline; it ignores the masking mode's mask shape) or
+            ``roi_align_7x7`` (RoIAlign 7x7 per level and a learned projection:
+            :mod:`~fineregion_pl.model.roi_pooling`).
     """
 
     def __init__(
@@ -108,11 +115,13 @@ class RegionEncoder(nn.Module):
         pooling: str = "mask",
     ):
         super().__init__()
-        if pooling not in ("mask", "roi_align"):
-            raise ValueError(f"encoder pooling must be 'mask' or 'roi_align', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"encoder pooling must be one of {list(POOLINGS)}, got {pooling!r}")
         self.pooling = pooling
         self.backbone = create_backbone(backbone, pretrained, feature_levels, **(backbone_kwargs or {}))
         self.level_dims: list[int] = list(self.backbone.feature_info.channels())
+        if pooling == "roi_align_7x7":
+            self.roi = RoIAlignPooling(self.level_dims, 7)
         self.out_dim = sum(self.level_dims)
         self.channels_last = str(getattr(self.backbone, "output_fmt", "NCHW")).endswith("NHWC")
         if grad_checkpointing:
@@ -179,6 +188,8 @@ class RegionEncoder(nn.Module):
             masks = [mask_transform(m) for m in masks]
         if self.pooling == "roi_align":
             return roi_align_pool(features, boxes, image_size), masks
+        if self.pooling == "roi_align_7x7":
+            return self.roi(features, boxes, image_size), masks
         return pool_levels(features, boxes, image_size, masks), masks
 
     @staticmethod
@@ -195,18 +206,7 @@ def level_segmentation(segmentations: Tensor, feature_size: tuple[int, int], har
 
 def roi_align_pool(features: list[Tensor], boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     """RoIAlign of every box to 1x1 on every level (torchvision), concatenated: ``(B, N, D)``."""
-    from torchvision.ops import roi_align
-
-    b, n, _ = boxes.shape
-    index = torch.arange(b, device=boxes.device, dtype=boxes.dtype).repeat_interleave(n)[:, None]
-    rois = torch.cat([index, boxes.reshape(b * n, 4)], dim=1)
-    parts = []
-    for f in features:
-        scale = f.shape[2] / image_size[1]
-        pooled = roi_align(f.permute(0, 3, 1, 2), rois.to(f.dtype), output_size=1, spatial_scale=scale, sampling_ratio=2, aligned=True)
-        parts.append(pooled.reshape(b, n, -1))
-    valid = (boxes[..., 2:] > boxes[..., :2]).all(-1, keepdim=True)
-    return torch.cat(parts, dim=-1) * valid
+    return torch.cat(roi_grid(features, boxes, image_size, 1), dim=-1)
 
 
 def whole_image_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fineregion_pl.model.boxes import pairwise_intersection
+from fineregion_pl.model.boxes import box_area, pairwise_intersection
 
 
 def mask_loss(attn_logits: Tensor, masks: Tensor, region_valid: Tensor, eps: float = 1e-8) -> Tensor:
@@ -40,24 +40,47 @@ def attention_inside(attn_logits: Tensor, masks: Tensor, region_valid: Tensor) -
     return (inside * valid).sum() / valid.sum().clamp(min=1)
 
 
-def consistency_loss(representations: Tensor, boxes: Tensor, region_valid: Tensor) -> Tensor:
+CONSISTENCY_PAIRINGS = ("paper", "iou", "views")
+
+
+def consistency_loss(representations: Tensor, boxes: Tensor, region_valid: Tensor, pairing: str = "paper") -> Tensor:
     """``L_consistency`` (eq. 9) over pairs of regions of the same image whose boxes intersect.
 
-    ``L = mean_b 1/N_b * sum_{i != j} 1[R_i ∩ R_j != ∅] * ||C_i - C_j||^2`` where ``N_b`` is the
-    number of valid regions of image ``b``. It is 0 when no boxes intersect and when the
-    representations of intersecting regions are identical. The diagonal (``i = j``) is 0 anyway.
+    ``L = mean_b 1/N_b * sum_{i != j} w_ij * ||C_i - C_j||^2`` where ``N_b`` is the number of
+    valid regions of image ``b`` and ``w_ij = 1[R_i ∩ R_j != ∅]`` (``pairing="paper"``, eq. 9 as
+    written: it pulls the captions of *different* intersecting objects together) or
+    ``w_ij = IoU(R_i, R_j)`` (``pairing="iou"``: barely overlapping boxes, usually different
+    objects, barely pulled). It is 0 when no boxes intersect and when the representations of
+    intersecting regions are identical. The diagonal (``i = j``) is 0 anyway. (The third pairing,
+    two dynamic views of one region, is :func:`view_consistency_loss`.)
 
     Args:
         representations: ``(B, N, D)`` differentiable caption representations ``C_i``.
         boxes: ``(B, N, 4)`` xyxy.
         region_valid: ``(B, N)`` bool.
+        pairing: ``paper`` or ``iou``.
     """
+    if pairing not in ("paper", "iou"):
+        raise ValueError(f"consistency pairing over region pairs must be 'paper' or 'iou', got {pairing!r}")
     valid = region_valid.bool()
-    pair = (pairwise_intersection(boxes) > 0) & valid[:, :, None] & valid[:, None, :]
+    inter = pairwise_intersection(boxes)
+    pair = (inter > 0) & valid[:, :, None] & valid[:, None, :]
     pair = pair & ~torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)
     b, i, j = pair.nonzero(as_tuple=True)
     sq_dist = (representations[b, i].float() - representations[b, j].float()).pow(2).sum(-1)
+    if pairing == "iou":
+        area = box_area(boxes).float()
+        sq_dist = sq_dist * (inter[b, i, j] / (area[b, i] + area[b, j] - inter[b, i, j]).clamp(min=1e-6)).float()
     per_image = torch.zeros(valid.shape[0], device=representations.device, dtype=sq_dist.dtype).index_add(0, b, sq_dist)
     per_image = per_image / valid.sum(1).clamp(min=1)
     has_regions = valid.any(1)
     return (per_image * has_regions).sum() / has_regions.sum().clamp(min=1)
+
+
+def view_consistency_loss(view_a: Tensor, view_b: Tensor) -> Tensor:
+    """Consistency between two dynamic views of the same regions: ``mean_i ||C_i^a - C_i^b||^2``
+    over ``(R, D)`` caption representations of the same ``R`` regions pooled with two independent
+    perturbations (0 for no regions)."""
+    if view_a.shape[0] == 0:
+        return view_a.sum() * 0.0
+    return (view_a.float() - view_b.float()).pow(2).sum(-1).mean()

@@ -8,6 +8,10 @@ For region ``i`` the prompt is ``k + 1`` vectors of the LM's embedding size:
   and ``g_i`` the box geometry (normalised corners, width, height, sqrt(area)). The prompt thus
   changes with the region's content, its surroundings and where it is. ``static``: ``P`` is ``k``
   learned vectors, the same for every region (the paper's "no adaptive prompts" row).
+  ``static_geometry``: ``P_i = P + W_2 GELU(W_g g_i)``: learned tokens that follow only the box
+  geometry, with the pair token too, so against ``adaptive`` the one thing that changes is
+  whether the prompt adapts to the region's content and context (``static`` also loses the
+  geometry and the pair token, which decide spatial questions).
 - ``r_i`` (1 token) = ``Linear(z_i)``: the region feature itself, in both modes, so a static
   prompt still sees the region (``T_i = Prompt(z_i, P)``).
 - For two-region tasks (spatial questions) an adaptive prompt adds one pair token
@@ -25,7 +29,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-PromptMode = Literal["adaptive", "static"]
+PromptMode = Literal["adaptive", "static", "static_geometry"]
 GEOMETRY_DIM = 7
 
 
@@ -53,10 +57,14 @@ class RegionPrompt(nn.Module):
             self.from_geometry = nn.Linear(GEOMETRY_DIM, hidden, bias=False)
             self.generator = nn.Sequential(nn.GELU(), nn.Linear(hidden, num_tokens * lm_dim))
             self.pair = nn.Linear(3 * GEOMETRY_DIM, lm_dim)
-        elif mode == "static":
+        elif mode in ("static", "static_geometry"):
             self.static = nn.Parameter(torch.randn(num_tokens, lm_dim) * 0.02)
+            if mode == "static_geometry":
+                self.from_geometry = nn.Linear(GEOMETRY_DIM, hidden)
+                self.generator = nn.Sequential(nn.GELU(), nn.Linear(hidden, num_tokens * lm_dim))
+                self.pair = nn.Linear(3 * GEOMETRY_DIM, lm_dim)
         else:
-            raise ValueError(f"prompt mode must be 'adaptive' or 'static', got {mode!r}")
+            raise ValueError(f"prompt mode must be 'adaptive', 'static' or 'static_geometry', got {mode!r}")
         self.norm = nn.LayerNorm(lm_dim)
         self.register_buffer("embed_scale", torch.tensor(float(embed_scale)), persistent=False)
 
@@ -80,14 +88,16 @@ class RegionPrompt(nn.Module):
         if self.mode == "adaptive":
             hidden = self.from_region(z) + self.from_context(context) + self.from_geometry(geometry.to(z.dtype))
             p = self.generator(hidden).reshape(z.shape[0], self.num_tokens, self.lm_dim)
+        elif self.mode == "static_geometry":
+            p = self.static[None] + self.generator(self.from_geometry(geometry.to(z.dtype))).reshape(z.shape[0], self.num_tokens, self.lm_dim)
         else:
             p = self.static[None].expand(z.shape[0], -1, -1)
         return self.norm(torch.cat([p, r], dim=1)) * self.embed_scale
 
     def pair_token(self, geometry_a: Tensor, geometry_b: Tensor) -> Optional[Tensor]:
         """For two-region tasks: one token ``Linear([g_a ; g_b ; g_a - g_b])`` of the two boxes'
-        geometry, ``(R, 1, lm_dim)`` (adaptive prompts only; ``None`` for static prompts)."""
-        if self.mode != "adaptive":
+        geometry, ``(R, 1, lm_dim)`` (adaptive and static_geometry prompts; ``None`` for static prompts)."""
+        if self.mode == "static":
             return None
         pair = torch.cat([geometry_a, geometry_b, geometry_a - geometry_b], dim=-1).to(self.pair.weight.dtype)
         return self.norm(self.pair(pair))[:, None, :] * self.embed_scale

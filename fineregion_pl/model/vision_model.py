@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fineregion_pl.model.attention_pooling import attention_pool, attention_weights, pooling_logits
 from fineregion_pl.model.boxes import sanitize_boxes
 from fineregion_pl.model.dynamic_masking import DynamicMasking, MaskingMode, perturb_boxes, perturb_masks
 from fineregion_pl.model.encoder import EncoderConfig, RegionFeatures, level_segmentation, whole_image_boxes
@@ -57,6 +58,7 @@ class RegionVisionModel(nn.Module):
         dim = self.encoder.out_dim
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, head_hidden), nn.GELU(), nn.Linear(head_hidden, num_classes))
         self.attention = RegionAttention(dim, self.encoder.level_dims[0], attn_dim)
+        self.attention_dilation = 1  # cells around the mask that attention pooling may reach
 
     @property
     def out_dim(self) -> int:
@@ -104,6 +106,7 @@ class RegionVisionModel(nn.Module):
         height, width = images.shape[-2:]
         boxes, region_valid = sanitize_boxes(boxes, region_valid, width, height)
         perturb = self.training and masking == "dynamic" and dynamic is not None
+        dynamic = dynamic.scaled() if perturb else dynamic
         pool_boxes, mask_transform = boxes, None
         if masking == "none":
             pool_boxes = whole_image_boxes(boxes, (height, width))
@@ -116,6 +119,10 @@ class RegionVisionModel(nn.Module):
             full = rasterize_segmentations(segmentations, (height, width), boxes.shape[1]).to(boxes.device)
         features = self.encoder.forward_features(images)
         z, masks = self.encoder.pool(features, pool_boxes, (height, width), masking == "hard", mask_transform, full)
+        attn_logits = self.attention(z, features[0])
+        if self.encoder.pooling == "attention":  # the map L_mask supervises is the map z is pooled with
+            attn_logits = pooling_logits(attn_logits, masks[0], self.attention_dilation)
+            z = attention_pool(features, attention_weights(attn_logits, masks[0]))
         regions = RegionFeatures(z=z, context=self.encoder.context(features), masks=masks, features=features)
         target = box_masks(boxes, (height, width), features[0].shape[1:3]).to(z.dtype)
         if full is not None:
@@ -123,7 +130,7 @@ class RegionVisionModel(nn.Module):
         return RegionOutputs(
             regions=regions,
             logits=self.head(z),
-            attn_logits=self.attention(z, features[0]),
+            attn_logits=attn_logits,
             target_masks=target,
             boxes=boxes,
             region_valid=region_valid,

@@ -23,6 +23,7 @@ from fineregion_pl.model.encoder import EncoderConfig
 from fineregion_pl.model.errors import BadInputError
 from fineregion_pl.model.fingerprint import check_fingerprint, lm_fingerprint
 from fineregion_pl.model.language_model import LanguageModelConfig
+from fineregion_pl.model.losses import CONSISTENCY_PAIRINGS
 from fineregion_pl.model.region_prompt import PromptMode
 from fineregion_pl.model.schemas import check_options
 from fineregion_pl.train.finite_loss import stop_on_non_finite_loss
@@ -49,12 +50,16 @@ class Stage2Module(L.LightningModule):
         masking: region pooling: ``dynamic``, ``hard`` or ``none``.
         dynamic: training-time perturbations of ``dynamic`` masking.
         use_segmentation: pool regions with their segmentation mask where the data has one.
-        prompt_mode: ``adaptive`` (the method) or ``static`` (the "no adaptive prompts" ablation).
+        prompt_mode: ``adaptive`` (the method), ``static`` (the "no adaptive prompts" ablation) or
+            ``static_geometry`` (learned tokens that follow only the box geometry, pair token kept).
         prompt_tokens: ``k``, soft prompt tokens per region (plus one region token).
         prompt_hidden: hidden size of the adaptive prompt generator.
         freeze_encoder: keep the vision encoder fixed in stage 2.
         caption_weight: ``λ1``.
         consistency_weight: ``λ2``.
+        consistency_pairing: what ``L_consistency`` pulls together: ``paper`` (every pair of
+            intersecting regions, eq. 9), ``iou`` (pairs weighted by IoU) or ``views`` (each region
+            with itself under a second dynamic perturbation).
         mask_loss_weight: weight of ``L_mask`` carried over from stage 1 (0 switches it off).
         referring_weight: weight of the referring-expression loss (trains what grounding scores).
         spatial_weight: weight of the spatial-question loss (two-region questions, LM answers).
@@ -93,6 +98,7 @@ class Stage2Module(L.LightningModule):
         freeze_encoder: bool = False,
         caption_weight: float = 1.0,
         consistency_weight: float = 0.0,
+        consistency_pairing: str = "paper",
         mask_loss_weight: float = 0.0,
         referring_weight: float = 0.0,
         spatial_weight: float = 0.0,
@@ -116,15 +122,17 @@ class Stage2Module(L.LightningModule):
                       **{name: (value, ">=0") for name, value in (("caption_weight", caption_weight), ("consistency_weight", consistency_weight),
                          ("mask_loss_weight", mask_loss_weight), ("referring_weight", referring_weight), ("spatial_weight", spatial_weight),
                          ("classification_weight", classification_weight))})
+        if consistency_pairing not in CONSISTENCY_PAIRINGS:
+            raise BadInputError(f"model.consistency_pairing must be one of {list(CONSISTENCY_PAIRINGS)}, got {consistency_pairing!r}")
         self.save_hyperparameters()
         self.hparams.update(resolve_from_stage1(self.hparams))
         plain_hparams(self.hparams)
         self.model = RegionCaptioner(CaptionerConfig.from_dict(dict(self.hparams)), build_language=False)
         vision = self.model.vision
         # stage 2 trains the category head only with classification_weight > 0 and the attention map
-        # only with L_mask; frozen, they are also no "unused parameters" for DDP
+        # only with L_mask or when it pools (attention pooling); frozen, they are also no "unused parameters" for DDP
         vision.head.requires_grad_(classification_weight > 0)
-        vision.attention.requires_grad_(mask_loss_weight > 0)
+        vision.attention.requires_grad_(mask_loss_weight > 0 or vision.encoder.pooling == "attention")
         if freeze_encoder:
             vision.encoder.requires_grad_(False)
         self.collector = RegionTestCollector()
@@ -162,6 +170,7 @@ class Stage2Module(L.LightningModule):
             referring=hp.referring_weight > 0,
             spatial=hp.spatial_weight > 0,
             classification=hp.classification_weight > 0,
+            consistency_pairing=hp.consistency_pairing,
         )
         weights = {
             "caption_loss": hp.caption_weight, "consistency_loss": hp.consistency_weight, "mask_loss": hp.mask_loss_weight,

@@ -129,19 +129,21 @@ def _pretrain(family, tokenizer, texts, hidden_size, num_layers, num_heads, step
     return model
 
 
-def synthetic_pretraining_texts(seed: int = 0, count: int = 1000) -> list[str]:
+def synthetic_pretraining_texts(seed: int = 0, count: int = 1000, scenes=None) -> list[str]:
     """Text to pretrain the tiny LM on: the benchmark's sentences, and each framed by the default
-    task templates (with the region slots left out), so the LM knows every word it will see."""
+    task templates (with the region slots left out), so the LM knows every word it will see.
+    ``scenes(seed, split, count)`` gives the scenes (default: the easy benchmark's)."""
     from fineregion_pl.data.synthetic import iter_scenes
     from fineregion_pl.model.language_model import LanguageModelConfig
 
+    scenes = scenes or iter_scenes
     templates = LanguageModelConfig()
     frame = {
         name: " ".join(getattr(templates, f"{name}_template").replace("{region}", " ").split())
         for name in ("caption", "referring", "question")
     }
     texts = []
-    for _, record in iter_scenes(seed, "train", count):
+    for _, record in scenes(seed, "train", count):
         for region in record["regions"]:
             texts += region["captions"] + region["referring"]
             texts += [f"{frame['caption']} {c}" for c in region["captions"]]
