@@ -440,7 +440,6 @@ def stage2_terms(module, inputs: dict, batch: Batch) -> dict[str, torch.Tensor]:
       (``classification_weight > 0``). ``acc`` is detached: no FLOPs, nothing saved.
     """
     from fineregion_pl.model.captioner import EncodedBatch
-    from fineregion_pl.model.losses import consistency_loss, mask_loss
 
     hp, captioner = module.hparams, module.model
     language = captioner.language
@@ -452,12 +451,7 @@ def stage2_terms(module, inputs: dict, batch: Batch) -> dict[str, torch.Tensor]:
     if batch.packed and language.packs:
         return packed_terms(module, encoded, batch)
     caption, rep = language.text_loss(prompts, filler_texts(rows, batch.targets["caption"]), "caption")
-    reps = rep.new_zeros(*out.region_valid.shape, rep.shape[-1])
-    reps[index[:, 0], index[:, 1]] = rep
-    with meta_nonzero():
-        terms = {"caption_loss": caption, "consistency_loss": consistency_loss(reps, out.boxes, out.region_valid)}
-    if hp.mask_loss_weight > 0:
-        terms["mask_loss"] = mask_loss(out.attn_logits, out.target_masks, out.region_valid)
+    terms = region_terms(hp, out, index, caption, rep)
     if hp.referring_weight > 0 and batch.rows["referring"]:
         r = min(batch.rows["referring"], rows)
         terms["referring_loss"], _ = language.text_loss(prompts[:r], filler_texts(r, batch.targets["referring"]), "referring")
@@ -465,9 +459,7 @@ def stage2_terms(module, inputs: dict, batch: Batch) -> dict[str, torch.Tensor]:
         q = min(batch.rows["question"], rows // 2)
         slots = captioner.question_prompts(encoded, list(range(q)), list(range(q, 2 * q)))
         terms["spatial_loss"], _ = language.text_loss(slots, filler_texts(q, batch.targets["question"]), "question")
-    if hp.classification_weight > 0:
-        logits = out.logits.flatten(0, 1)
-        terms["cls_loss"] = F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+    terms.update(classification_terms(hp, out))
     return terms
 
 
@@ -475,7 +467,6 @@ def packed_terms(module, encoded, batch: Batch) -> dict[str, torch.Tensor]:
     """:func:`stage2_terms` as ``RegionCaptioner.losses`` makes them with a packing LM: the three text
     calls in one ``RegionLanguageModel.text_losses`` (one packed forward), each sequence with its own
     target length (:func:`mixed_lengths`)."""
-    from fineregion_pl.model.losses import consistency_loss, mask_loss
 
     hp, captioner = module.hparams, module.model
     out, index, prompts = encoded.vision, encoded.index, encoded.prompts
@@ -490,17 +481,32 @@ def packed_terms(module, encoded, batch: Batch) -> dict[str, torch.Tensor]:
     with packing_on_meta():
         results = dict(zip(calls, captioner.language.text_losses(list(calls.values()))))
     caption, rep = results["caption_loss"]
+    terms = region_terms(hp, out, index, caption, rep)
+    terms.update({name: loss for name, (loss, _) in results.items() if name != "caption_loss"})
+    terms.update(classification_terms(hp, out))
+    return terms
+
+
+def region_terms(hp, out, index, caption: torch.Tensor, rep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The caption loss, ``consistency_loss`` of the caption representations scattered back to their
+    region slots, and ``mask_loss`` (``mask_loss_weight > 0``): shared by the padded and packed steps."""
+    from fineregion_pl.model.losses import consistency_loss, mask_loss
+
     reps = rep.new_zeros(*out.region_valid.shape, rep.shape[-1])
     reps[index[:, 0], index[:, 1]] = rep
     with meta_nonzero():
         terms = {"caption_loss": caption, "consistency_loss": consistency_loss(reps, out.boxes, out.region_valid)}
     if hp.mask_loss_weight > 0:
         terms["mask_loss"] = mask_loss(out.attn_logits, out.target_masks, out.region_valid)
-    terms.update({name: loss for name, (loss, _) in results.items() if name != "caption_loss"})
-    if hp.classification_weight > 0:
-        logits = out.logits.flatten(0, 1)
-        terms["cls_loss"] = F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
     return terms
+
+
+def classification_terms(hp, out) -> dict[str, torch.Tensor]:
+    """The category cross-entropy over every slot (``classification_weight > 0``), else nothing."""
+    if hp.classification_weight <= 0:
+        return {}
+    logits = out.logits.flatten(0, 1)
+    return {"cls_loss": F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))}
 
 
 def packing_on_meta():
