@@ -10,7 +10,15 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from fineregion_pl.evaluation.hard_metrics import BREAKDOWNS, bin_of, breakdown, paired_bootstrap, scored_regions
+from fineregion_pl.evaluation.hard_metrics import (
+    BREAKDOWNS,
+    bin_of,
+    breakdown,
+    paired_bootstrap,
+    scored_expressions,
+    scored_regions,
+    scored_vision_questions,
+)
 
 BEGIN = "<!-- hard-suite results: written by `fineregion-pl ablations --suite hard` -->"
 END = "<!-- end of hard-suite results -->"
@@ -18,19 +26,26 @@ STAGE1_REFERENCE, STAGE2_REFERENCE = "s1_full", "full"
 PLOT = "images/hard_accuracy_vs_iou.png"
 TEST_SPLITS = ["test_gt", "test_det01", "test_det02", "test_loose", "test_ground"]
 STAGE1_SPLITS = TEST_SPLITS[:4]  # the grounding variant's extra boxes only matter to grounding (stage 2)
+EXPRESSIONS, VISION = ":expressions", ":vision"
+"""Suffixes of the table's per-expression (gt-ranking hit) and per-question (one-anchor answer) entries of a split."""
 
 
 def collect(root: Path, data: Path, rows: dict[str, dict], size) -> dict[str, dict[str, dict[int, dict]]]:
-    """``{row: {split: {seed: {region_key: region}}}}`` of every finished run."""
+    """``{row: {split: {seed: {region_key: region}}}}`` of every finished run; stage-2 runs also
+    ``split + EXPRESSIONS`` (per grounded expression) and ``split + VISION`` (per one-anchor question)."""
     out: dict[str, dict[str, dict[int, dict]]] = {}
     for name, row in rows.items():
         stage2 = "stage2" in row
         seeds, splits = (size.stage2_seeds, TEST_SPLITS) if stage2 else (size.stage1_seeds, STAGE1_SPLITS)
         for split in splits:
             for seed in seeds:
-                predictions = root / name / f"seed{seed}" / split / "predictions.jsonl"
-                if predictions.is_file():
-                    out.setdefault(name, {}).setdefault(split, {})[seed] = scored_regions(predictions, data / split / "regions.jsonl")
+                folder = root / name / f"seed{seed}" / split
+                if (folder / "predictions.jsonl").is_file():
+                    out.setdefault(name, {}).setdefault(split, {})[seed] = scored_regions(folder / "predictions.jsonl", data / split / "regions.jsonl")
+                if (folder / "expressions.jsonl").is_file():
+                    out[name].setdefault(split + EXPRESSIONS, {})[seed] = scored_expressions(folder / "expressions.jsonl", data / split / "regions.jsonl")
+                if (folder / "vision_questions.jsonl").is_file():
+                    out[name].setdefault(split + VISION, {})[seed] = scored_vision_questions(folder / "vision_questions.jsonl")
     return out
 
 
@@ -85,10 +100,23 @@ def _results_json(root: Path, name: str, seeds, split: str, section: str, metric
 
 FOREIGN = lambda r: r.get("foreign_share", 0) > 0.3  # noqa: E731
 INTERSECTING = lambda r: bool(r.get("intersects"))  # noqa: E731
+RELATIONAL = lambda r: r.get("expression_kind") == "relational"  # noqa: E731
+
+
+def majority_share(table, name: str) -> str:
+    """The share of the one-anchor questions (test_gt, first seed) whose answer is the most frequent
+    answer: what always naming that shape would score."""
+    from collections import Counter
+
+    runs = table.get(name, {}).get("test_gt" + VISION)
+    if not runs:
+        return "-"
+    answers = Counter(q["answer"] for q in runs[min(runs)].values())
+    return f"{answers.most_common(1)[0][1] / sum(answers.values()):.3f}"
 
 
 def verdicts(table) -> list[str]:
-    """P1-P3 against their thresholds, with the numbers and CIs (P4 is not measurable by this suite yet)."""
+    """P1-P4 against their thresholds, with the numbers and CIs."""
     def fmt(d):
         return "missing" if d is None else f"{100 * d[0]:+.1f} points [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"
 
@@ -101,6 +129,9 @@ def verdicts(table) -> list[str]:
     p2 = None not in (seg, lmask) and seg[0] >= 0.05 and lmask[0] >= 0.02
     p3d = difference(table, "consistency_10x", "consistency_0", "test_gt", "exact", INTERSECTING)
     p3 = p3d is not None and p3d[2] < 0
+    relational = difference(table, "full", "static_geometry", "test_gt" + EXPRESSIONS, "ranking_acc", RELATIONAL)
+    vision = difference(table, "full", "static_geometry", "test_gt" + VISION, "vision_acc")
+    p4 = None not in (relational, vision) and relational[0] >= 0.05 and vision[0] >= 0.05
 
     def word(ok, *parts):
         return "not measured (rows missing)" if any(p is None for p in parts) else ("**held**" if ok else "**refuted**")
@@ -111,9 +142,9 @@ def verdicts(table) -> list[str]:
         f"- P2 {word(p2, seg, lmask)}: regions > 30% foreign pixels (ground-truth boxes), segmentation - box masks {fmt(seg)} (>= +5); "
         f"attention pooling with - without L_mask {fmt(lmask)} (>= +2).",
         f"- P3 {word(p3, p3d)}: caption exactness on regions whose box intersects another, consistency 10x - weight 0 {fmt(p3d)} (lower: CI below 0).",
-        "- P4 not measured: the relational referring expressions are in the data (most of the hard set's expressions) and score "
-        "through gt-ranking below, and the vision spatial questions are in every record (`vision_questions`), but no LM task "
-        "answers one-anchor questions yet, so text accuracy on them is not computed.",
+        f"- P4 {word(p4, relational, vision)}: adaptive - static-with-geometry prompts (ground-truth boxes), relational referring "
+        f"expressions ranked among the image's true boxes (gt-ranking hit, not generated text) {fmt(relational)}; one-anchor vision "
+        f"questions answered by the LM (exact answer) {fmt(vision)} (each >= +5).",
     ]
 
 
@@ -169,11 +200,19 @@ def report_text(root: Path, table, rows, size, choice, seconds: float, plot_name
         cols += [(f"{a} acc.", "test_gt", f"{a}_acc") for a in ("colour", "size")]
         cols += [("exact", "test_gt", "exact"), ("exact, intersecting", "test_gt", "exact", INTERSECTING)]
         parts += _table(table, rows, s2, STAGE2_REFERENCE, cols)
-        parts += ["", "| row | gt-ranking acc@0.5 (gt boxes) | grounding mIoU (truth among IoU 0.3-0.7 proposals) | spatial acc. |", "|---|---|---|---|"]
+        parts += ["", "Grounding and questions (ground-truth boxes unless named; gt-ranking picks among the image's "
+                  "true boxes, which is not REC):", ""]
+        parts += _table(table, rows, s2, STAGE2_REFERENCE, [
+            ("gt-ranking, all expressions", "test_gt" + EXPRESSIONS, "ranking_acc"),
+            ("gt-ranking, relational expressions", "test_gt" + EXPRESSIONS, "ranking_acc", RELATIONAL),
+            ("grounding among IoU 0.3-0.7 proposals", "test_ground" + EXPRESSIONS, "ranking_acc"),
+            ("one-anchor vision questions", "test_gt" + VISION, "vision_acc"),
+        ])
+        parts += ["", "| row | spatial acc. (two-region questions, geometry) | vision questions answered | chance of the most frequent answer |", "|---|---|---|---|"]
         for name in s2:
-            values = [_results_json(root, name, size.stage2_seeds, *where) for where in
-                      (("test_gt", "gt-ranking", "acc@0.5"), ("test_ground", "gt-ranking", "mIoU"), ("test_gt", "spatial", "accuracy"))]
-            parts.append(f"| `{name}` | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
+            spatial = _results_json(root, name, size.stage2_seeds, "test_gt", "spatial", "accuracy")
+            count = _results_json(root, name, size.stage2_seeds, "test_gt", "vision_questions", "questions")
+            parts.append(f"| `{name}` | {'-' if spatial is None else f'{spatial:.3f}'} | {'-' if count is None else f'{count:.0f}'} | {majority_share(table, name)} |")
     parts += ["", "### Breakdowns (ground-truth boxes; region accuracy for stage-1 rows, text accuracy for stage-2 rows)", ""]
     for key in ("foreign_share", "visible_fraction", "size"):
         labels = [b if isinstance(b, str) else bin_of(b[0], BREAKDOWNS[key]) for b in BREAKDOWNS[key]]

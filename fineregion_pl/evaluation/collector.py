@@ -19,6 +19,11 @@ from fineregion_pl.evaluation.grounding import grounding_metrics
 from fineregion_pl.evaluation.report import results_table, write_results
 
 
+def answer_correct(row: dict) -> bool:
+    """A generated answer is right when it is the true answer (case and outer spaces aside)."""
+    return row["predicted"].strip().lower() == row["answer"].strip().lower()
+
+
 class RegionTestCollector:
     """Keeps, for each evaluated region, the prediction, the references and the true category."""
 
@@ -29,12 +34,19 @@ class RegionTestCollector:
         self.rows: list[dict] = []
         self.grounding: list[tuple[float, float]] = []
         self.spatial: list[tuple[str, str]] = []
+        self.expressions: list[dict] = []  # one row per grounded expression: which region, hit, IoU
+        self.vision: list[dict] = []  # one row per one-anchor question
 
-    def add(self, batch: dict[str, Any], predictions: list[dict], grounding: list[tuple[float, float]] = (), spatial: list[tuple[str, str]] = ()) -> None:
+    def add(self, batch: dict[str, Any], predictions: list[dict], grounding: list[tuple[float, float]] = (), spatial: list[tuple[str, str]] = (),
+            grounding_keys: list[tuple] = (), vision: list[dict] = ()) -> None:
         """Attach references and true categories of ``batch`` to its prediction rows; keep the
-        batch's grounding outcomes and ``(predicted, true)`` spatial answers."""
+        batch's grounding outcomes (with ``grounding_keys``, the ``(image_id, region_id)`` of each),
+        ``(predicted, true)`` spatial answers and one-anchor question rows."""
         self.grounding += list(grounding)
         self.spatial += list(spatial)
+        self.vision += list(vision)
+        for (image_id, region_id), outcome in zip(grounding_keys, grounding):
+            self.expressions.append({"image_id": image_id, "region_id": region_id, "hit": outcome[0], "iou": outcome[1]})
         slot = {(img, rid): (b, n) for b, (img, ids) in enumerate(zip(batch["image_ids"], batch["region_ids"])) for n, rid in enumerate(ids)}
         for row in predictions:
             b, n = slot[(row["image_id"], row["region_id"])]
@@ -42,12 +54,10 @@ class RegionTestCollector:
 
     def gather(self) -> bool:
         """Bring all ranks' rows to rank 0 and check each region came once; returns whether this is rank 0."""
-        everything = gather_to_rank0((self.rows, self.grounding, self.spatial))
+        everything = gather_to_rank0((self.rows, self.grounding, self.spatial, self.expressions, self.vision))
         if everything is None:
             return False
-        self.rows = [r for rows, _, _ in everything for r in rows]
-        self.grounding = [g for _, grounding, _ in everything for g in grounding]
-        self.spatial = [s for _, _, spatial in everything for s in spatial]
+        self.rows, self.grounding, self.spatial, self.expressions, self.vision = ([x for part in everything for x in part[i]] for i in range(5))
         key = lambda r: (str(r["image_id"]), str(r["region_id"]))
         check_exactly_once(self.rows, key, what="region")
         self.rows.sort(key=key)
@@ -80,15 +90,22 @@ class RegionTestCollector:
                 "accuracy": sum(p.strip().lower() == t.strip().lower() for p, t in self.spatial) / max(1, len(self.spatial)),
                 "questions": len(self.spatial),
             },
+            **({"vision_questions": {  # only where the data has one-anchor questions (the hard benchmark)
+                "accuracy": sum(answer_correct(v) for v in self.vision) / len(self.vision),
+                "questions": len(self.vision),
+            }} if self.vision else {}),
         }
 
     def write(self, results: dict, out_dir: Path, source: Optional[dict] = None, model: Optional[dict] = None, java: bool = True) -> None:
-        """Write ``results.json`` (with its card when ``source`` and ``model`` are given), ``results.md``
-        and ``predictions.jsonl``; print the table."""
+        """Write ``results.json`` (with its card when ``source`` and ``model`` are given), ``results.md``,
+        ``predictions.jsonl`` and, where there are any, ``expressions.jsonl`` (each grounded
+        expression's region, hit and IoU) and ``vision_questions.jsonl``; print the table."""
         if source is not None and model is not None:
             results = {"card": shards_card(source, len(self.rows), model, java), **results}
         write_results(results, out_dir, title="Test results")
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows)
-        (Path(out_dir) / "predictions.jsonl").write_text(text, encoding="utf-8")
+        for name, rows in (("predictions.jsonl", self.rows), ("expressions.jsonl", self.expressions),
+                           ("vision_questions.jsonl", [{**v, "correct": answer_correct(v)} for v in self.vision])):
+            if rows or name == "predictions.jsonl":
+                (Path(out_dir) / name).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
         print(f"\n{results_table(results)}\n\nresults written to {Path(out_dir) / 'results.json'}", flush=True)  # rank 0 only: compute() returned None elsewhere
 

@@ -83,6 +83,23 @@ def scored_regions(predictions: Path, facts: Path) -> dict[tuple[str, int], dict
     return out
 
 
+def scored_expressions(expressions: Path, facts: Path) -> dict[tuple[str, int], dict]:
+    """``{(image_id, region_id): facts + {"ranking_acc": hit}}`` of every grounded expression of one
+    run on one split (``expressions.jsonl`` of ``test``), joined with the split's ``regions.jsonl``
+    (its ``expression_kind`` says which are relational)."""
+    by_key = {(str(f["image_id"]), int(f["region_id"])): f for f in read_jsonl(facts)}
+    out = {}
+    for row in read_jsonl(expressions):
+        key = (str(row["image_id"]), int(row["region_id"]))
+        out[key] = {**by_key.get(key, {}), "ranking_acc": float(row["hit"])}
+    return out
+
+
+def scored_vision_questions(path: Path) -> dict[tuple[str, str], dict]:
+    """``{(image_id, question): {"vision_acc": correct, "answer": true answer}}`` of one run's ``vision_questions.jsonl``."""
+    return {(str(r["image_id"]), r["question"]): {"vision_acc": float(r["correct"]), "answer": r["answer"]} for r in read_jsonl(path)}
+
+
 def bin_of(value, bins) -> Optional[str]:
     """The label of the bin ``value`` falls in (``"0.5-0.6"``; a name for categorical bins)."""
     for b in bins:

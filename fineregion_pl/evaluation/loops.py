@@ -1,4 +1,4 @@
-"""The evaluation loops that need the model: grounding referring expressions and answering spatial questions.
+"""The evaluation loops that need the model: grounding referring expressions and answering questions.
 
 Both take a :class:`~fineregion_pl.model.captioner.RegionCaptioner` and a batch it has encoded
 (:meth:`~fineregion_pl.model.captioner.RegionCaptioner.encode`), so captions, grounding and
@@ -14,7 +14,8 @@ import torch
 from fineregion_pl.evaluation.grounding import grounding_outcome
 from fineregion_pl.evaluation.protocol_loop import score_in_chunks
 from fineregion_pl.evaluation.rec import hit_fraction
-from fineregion_pl.model.captioner import EncodedBatch, RegionCaptioner, referring_targets, spatial_pairs
+from fineregion_pl.model.captioner import EncodedBatch, RegionCaptioner, referring_targets, spatial_pairs, vision_question_groups
+from fineregion_pl.model.language_model import vision_question_task
 
 
 @torch.no_grad()
@@ -69,3 +70,24 @@ def answer_questions(captioner: RegionCaptioner, batch: dict[str, Any], encoded:
         return []
     predicted = captioner.generate(captioner.question_prompts(encoded, first, second), task="question", max_new_tokens=4, num_beams=1)
     return list(zip(predicted, [q["answer"] for q in questions]))
+
+
+def grounding_keys(batch: dict[str, Any], encoded: EncodedBatch) -> list[tuple[Any, Any]]:
+    """``(image_id, region_id)`` of the region each outcome of :func:`ground_expressions` refers
+    to, in the same order (per-expression results can then be joined with the data's facts)."""
+    rows, _ = referring_targets(batch, encoded.index, training=False)
+    return [(batch["image_ids"][b], batch["region_ids"][b][n]) for b, n in encoded.index[rows].tolist()] if rows else []
+
+
+@torch.no_grad()
+def answer_vision_questions(captioner: RegionCaptioner, batch: dict[str, Any], encoded: EncodedBatch) -> list[dict]:
+    """Greedy answers to the batch's one-anchor questions (``"what is left of the red square?"``),
+    one LM call per relation present: rows of ``image_id``, ``region_id`` (the anchor),
+    ``question``, ``predicted``, ``answer``."""
+    image_ids, region_ids = batch["image_ids"], batch["region_ids"]
+    out = []
+    for relation, (rows, questions) in vision_question_groups(batch, encoded.index, captioner.config.language_model.relations).items():
+        predicted = captioner.generate(encoded.prompts[rows], task=vision_question_task(relation), max_new_tokens=4, num_beams=1)
+        for (b, n), q, text in zip(encoded.index[rows].tolist(), questions, predicted):
+            out.append({"image_id": image_ids[b], "region_id": region_ids[b][n], "question": q["question"], "predicted": text, "answer": q["answer"]})
+    return out

@@ -38,7 +38,7 @@ from fineregion_pl.model.encoder import EncoderConfig, whole_image_boxes
 from fineregion_pl.model.errors import BadInputError
 from fineregion_pl.model.fingerprint import check_fingerprint
 from fineregion_pl.model.images import as_rgb
-from fineregion_pl.model.language_model import LanguageModelConfig, LoraSettings, RegionLanguageModel
+from fineregion_pl.model.language_model import LanguageModelConfig, LoraSettings, RegionLanguageModel, vision_question_task
 from fineregion_pl.model.losses import consistency_loss, mask_loss, view_consistency_loss
 from fineregion_pl.model.region_prompt import PromptMode, RegionPrompt
 from fineregion_pl.model.vision_model import RegionOutputs, RegionVisionModel
@@ -220,6 +220,7 @@ class RegionCaptioner(nn.Module):
         mask: bool = False,
         referring: bool = False,
         spatial: bool = False,
+        vision_questions: bool = False,
         classification: bool = False,
         consistency_pairing: str = "paper",
     ) -> dict[str, Tensor]:
@@ -231,7 +232,8 @@ class RegionCaptioner(nn.Module):
         LM forward).
 
         Always ``caption_loss`` (eq. 8) and ``consistency_loss`` (eq. 9); ``mask_loss`` (``L_mask``),
-        ``referring_loss``, ``spatial_loss`` and ``cls_loss`` when asked for and the batch has
+        ``referring_loss``, ``spatial_loss``, ``vision_question_loss`` (one-anchor questions: each
+        relation's per-token mean, weighted by its number of questions) and ``cls_loss`` when asked for and the batch has
         something to compute them on; ``acc`` (category head accuracy, not differentiated) when
         the batch has labelled regions. Referring expressions are drawn at random in training mode.
         """
@@ -250,7 +252,16 @@ class RegionCaptioner(nn.Module):
             first, second, questions = spatial_pairs(batch, index)
             if first:
                 calls["spatial_loss"] = (self.question_prompts(encoded, first, second), [q["answer"] for q in questions], "question")
+        if vision_questions:
+            for relation, (rows, questions) in vision_question_groups(batch, index, self.config.language_model.relations).items():
+                calls[f"vision_question_loss:{relation}"] = (prompts[rows], [q["answer"] for q in questions], vision_question_task(relation))
         terms = dict(zip(calls, self.language.text_losses(list(calls.values()))))  # one packed LM forward
+        vision_terms = [(name, value) for name, value in terms.items() if name.startswith("vision_question_loss:")]
+        if vision_terms:  # one term: each relation's mean weighted by its number of questions
+            counts = [len(calls[name][1]) for name, _ in vision_terms]
+            loss = sum(n * value[0] for n, (_, value) in zip(counts, vision_terms)) / sum(counts)
+            terms = {k: v for k, v in terms.items() if not k.startswith("vision_question_loss:")}
+            terms["vision_question_loss"] = (loss, None)
         caption, rep = terms["caption_loss"]
         reps = rep.new_zeros(*out.region_valid.shape, rep.shape[-1])
         reps[index[:, 0], index[:, 1]] = rep
@@ -574,6 +585,32 @@ def referring_targets(batch: dict[str, Any], index: Tensor, training: bool) -> t
             rows.append(row)
             expressions.append(random.choice(options) if training else options[0])
     return rows, expressions
+
+
+def question_relation(question: str, relations: Sequence[str]) -> Optional[str]:
+    """The relation phrase a one-anchor question asks about: the entry of ``relations`` that
+    stands earliest in its text (``"what is left of the red square?"`` -> ``"left of"``), ``None`` if none does."""
+    text = f" {question.lower()} "
+    found = [(text.find(f" {r} "), r) for r in relations if f" {r} " in text]
+    return min(found)[1] if found else None
+
+
+def vision_question_groups(batch: dict[str, Any], index: Tensor, relations: Sequence[str]) -> dict[str, tuple[list[int], list[dict]]]:
+    """The batch's one-anchor questions (``batch["vision_questions"]``) whose anchor is in the batch
+    and whose relation is one of ``relations``, grouped by relation: ``{relation: (anchor rows of
+    index, questions)}`` (each relation is its own template)."""
+    row_of = {(b, n): row for row, (b, n) in enumerate(index.tolist())}
+    groups: dict[str, tuple[list[int], list[dict]]] = {}
+    for b, questions in enumerate(batch.get("vision_questions") or []):
+        slot = {rid: n for n, rid in enumerate(batch["region_ids"][b])}
+        for q in questions:
+            row = row_of.get((b, slot.get(q["regions"][0], -1)))
+            relation = question_relation(q["question"], relations)
+            if row is not None and relation is not None:
+                rows, kept = groups.setdefault(relation, ([], []))
+                rows.append(row)
+                kept.append(q)
+    return groups
 
 
 def spatial_pairs(batch: dict[str, Any], index: Tensor) -> tuple[list[int], list[int], list[dict]]:

@@ -4,8 +4,9 @@
 ``[template text | region prompt | template text | ... | target text]`` in the LM's embedding
 space, and gives the text loss (eq. 8), per-sequence log-likelihoods (for grounding), a caption
 representation (for eq. 9) and batched generation. A task is a template: ``caption`` (describe
-one region), ``referring`` (a referring expression for one region) and ``question`` (a spatial
-question about two regions); ``{region}`` marks where a region prompt goes. It knows nothing of
+one region), ``referring`` (a referring expression for one region), ``question`` (a spatial
+question about two regions) and ``vision_question:<relation>`` (what is in ``relation`` to one
+anchor region); ``{region}`` marks where a region prompt goes. It knows nothing of
 Lightning.
 """
 
@@ -25,6 +26,14 @@ from fineregion_pl.model.packing import PackedLayout, pack_layout, packed_embedd
 from fineregion_pl.model.precision import language_model_dtype
 
 IGNORE = -100
+VISION_QUESTION = "vision_question"
+
+
+def vision_question_task(relation: str) -> str:
+    """The task name of a one-anchor question with ``relation`` (its own template, see
+    ``LanguageModelConfig.vision_question_template``)."""
+    return f"{VISION_QUESTION}:{relation}"
+
 PACKED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 """Decoder families whose transformers 5.x forward builds its mask with ``create_causal_mask(...,
 position_ids=...)``, which finds packed sequences from ``position_ids`` (tested: llama, qwen2)."""
@@ -63,6 +72,10 @@ class LanguageModelConfig:
         caption_template: instruction for captions; ``{region}`` marks where the region prompt goes.
         referring_template: instruction for referring expressions (grounding scores them).
         question_template: instruction for spatial questions about two regions (two ``{region}``).
+        vision_question_template: instruction for one-anchor questions ("what is left of ...?"),
+            with one ``{region}`` (the anchor) and one ``{relation}``; one task per entry of
+            ``relations`` (``vision_question:<relation>``), whose answer must come from the image.
+        relations: the relation phrases of ``vision_question_template``, as the questions word them.
         packed_sequences: teacher-force the sequences of a step packed into few rows (no padding
             to the longest, attention kept inside each sequence by restarting ``position_ids``) and
             apply the LM head only where a loss reads it, in chunks (:mod:`~fineregion_pl.model.packing`,
@@ -79,6 +92,8 @@ class LanguageModelConfig:
     caption_template: str = "describe the region {region} :"
     referring_template: str = "refer to the region {region} :"
     question_template: str = "where is the region {region} relative to the region {region} ?"
+    vision_question_template: str = "what is {relation} the region {region} ?"
+    relations: list[str] = field(default_factory=lambda: ["left of", "right of", "above", "below"])
     packed_sequences: bool = True
 
 
@@ -163,6 +178,8 @@ class RegionLanguageModel(nn.Module):
             "referring": self._template_ids(config.referring_template, slots=1),
             "question": self._template_ids(config.question_template, slots=2),
         }
+        for relation in config.relations:
+            self.templates[vision_question_task(relation)] = self._template_ids(config.vision_question_template.replace("{relation}", relation), slots=1)
         self.text_tokens = 0  # target tokens (EOS included) teacher-forced so far; Stage2Module reads the increase per step
 
     def _template_ids(self, template: str, slots: int) -> list[list[int]]:

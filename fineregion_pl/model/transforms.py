@@ -35,6 +35,7 @@ class RegionSample:
     scale: float
     size: tuple[int, int]  # original (width, height)
     segmentations: list = None  # per region: COCO polygons / RLE in model-input pixels, or None
+    vision_questions: list = None  # one-anchor questions ("what is left of the red square?"), where the data has them
 
 
 def letterbox(image: Image.Image, size: int) -> tuple[torch.Tensor, float]:
@@ -139,6 +140,7 @@ def to_region_sample(
         scale=scale,
         size=(int(record.get("width") or image.width), int(record.get("height") or image.height)),
         segmentations=[letterbox_segmentation(r.get("segmentation"), scale, image_size) for r in regions],
+        vision_questions=list(record.get("vision_questions", [])),
     )
 
 
@@ -155,7 +157,7 @@ def collate_regions(samples: list[RegionSample]) -> dict[str, Any]:
     Returns a dict with ``images (B, 3, S, S)``, ``boxes (B, N, 4)`` (zeros where padded),
     ``region_valid (B, N)`` bool, ``categories (B, N)`` (-1 where padded or unknown), and the
     per-image lists ``captions``, ``references``, ``region_ids``, ``referring``, ``questions``,
-    ``segmentations``, ``image_ids``, ``scales``, ``sizes``.
+    ``vision_questions``, ``segmentations``, ``image_ids``, ``scales``, ``sizes``.
     """
     b = len(samples)
     n = max([len(s.region_ids) for s in samples] + [1])
@@ -177,6 +179,7 @@ def collate_regions(samples: list[RegionSample]) -> dict[str, Any]:
         "region_ids": [s.region_ids for s in samples],
         "referring": [s.referring for s in samples],
         "questions": [s.questions for s in samples],
+        "vision_questions": [s.vision_questions or [] for s in samples],
         "image_ids": [s.image_id for s in samples],
         "segmentations": [s.segmentations or [None] * len(s.region_ids) for s in samples],
         "scales": torch.tensor([s.scale for s in samples]),

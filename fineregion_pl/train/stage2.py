@@ -12,7 +12,7 @@ from torch import Tensor
 from fineregion_pl.evaluation.card import model_fields
 from fineregion_pl.evaluation.coco_caption import require_java
 from fineregion_pl.evaluation.collector import RegionTestCollector
-from fineregion_pl.evaluation.loops import answer_questions, ground_expressions
+from fineregion_pl.evaluation.loops import answer_questions, answer_vision_questions, ground_expressions, grounding_keys
 from fineregion_pl.evaluation.protocol_collector import ProtocolCollector
 from fineregion_pl.evaluation.protocol_loop import protocol_rows
 from fineregion_pl.model.captioner import CHECKPOINT_PREFIX, CaptionerConfig, RegionCaptioner, captioner_weights
@@ -63,6 +63,8 @@ class Stage2Module(L.LightningModule):
         mask_loss_weight: weight of ``L_mask`` carried over from stage 1 (0 switches it off).
         referring_weight: weight of the referring-expression loss (trains what grounding scores).
         spatial_weight: weight of the spatial-question loss (two-region questions, LM answers).
+        vision_question_weight: weight of the one-anchor question loss (``"what is left of the red
+            square?"``, answered with what is there: the data's ``vision_questions``; test scores them).
         classification_weight: weight of the stage-1 category loss carried on in stage 2 (0 freezes
             the category head; otherwise it keeps learning with the encoder it reads).
         lr: learning rate of the region prompt.
@@ -102,6 +104,7 @@ class Stage2Module(L.LightningModule):
         mask_loss_weight: float = 0.0,
         referring_weight: float = 0.0,
         spatial_weight: float = 0.0,
+        vision_question_weight: float = 0.0,
         classification_weight: float = 0.0,
         lr: float = 1e-3,
         lora_lr: Optional[float] = None,
@@ -121,7 +124,7 @@ class Stage2Module(L.LightningModule):
                       max_new_tokens=(max_new_tokens, ">=1"), num_beams=(num_beams, ">=1"), generation_batch_size=(generation_batch_size, ">=1"),
                       **{name: (value, ">=0") for name, value in (("caption_weight", caption_weight), ("consistency_weight", consistency_weight),
                          ("mask_loss_weight", mask_loss_weight), ("referring_weight", referring_weight), ("spatial_weight", spatial_weight),
-                         ("classification_weight", classification_weight))})
+                         ("vision_question_weight", vision_question_weight), ("classification_weight", classification_weight))})
         if consistency_pairing not in CONSISTENCY_PAIRINGS:
             raise BadInputError(f"model.consistency_pairing must be one of {list(CONSISTENCY_PAIRINGS)}, got {consistency_pairing!r}")
         self.save_hyperparameters()
@@ -169,12 +172,14 @@ class Stage2Module(L.LightningModule):
             mask=hp.mask_loss_weight > 0,
             referring=hp.referring_weight > 0,
             spatial=hp.spatial_weight > 0,
+            vision_questions=hp.vision_question_weight > 0,
             classification=hp.classification_weight > 0,
             consistency_pairing=hp.consistency_pairing,
         )
         weights = {
             "caption_loss": hp.caption_weight, "consistency_loss": hp.consistency_weight, "mask_loss": hp.mask_loss_weight,
             "referring_loss": hp.referring_weight, "spatial_loss": hp.spatial_weight, "cls_loss": hp.classification_weight,
+            "vision_question_loss": hp.vision_question_weight,
         }
         total = sum(weights[name] * value for name, value in terms.items() if name in weights)
         return {**terms, "loss": total}
@@ -211,7 +216,8 @@ class Stage2Module(L.LightningModule):
             self.protocol_collector.add(protocol_rows(self.model, batch, encoded, run.protocol.task, score_captions=run.densecap_map))
             return
         rows = self.model.describe_batch(batch, encoded)
-        self.collector.add(batch, rows, grounding=ground_expressions(self.model, batch, encoded), spatial=answer_questions(self.model, batch, encoded))
+        self.collector.add(batch, rows, grounding=ground_expressions(self.model, batch, encoded), spatial=answer_questions(self.model, batch, encoded),
+                           grounding_keys=grounding_keys(batch, encoded), vision=answer_vision_questions(self.model, batch, encoded))
 
     def on_test_epoch_start(self) -> None:
         self.collector.reset()
@@ -239,7 +245,7 @@ class Stage2Module(L.LightningModule):
         results = self.collector.compute(self.hparams.categories or [], self.hparams.num_classes, java=java)
         if results is None:  # not rank 0
             return
-        for section in ("classification", "caption", "gt-ranking", "spatial"):
+        for section in ("classification", "caption", "gt-ranking", "spatial", "vision_questions"):
             for name, value in results.get(section, {}).items():
                 if isinstance(value, float):
                     self.log(f"test/{section}/{name}", value, rank_zero_only=True)

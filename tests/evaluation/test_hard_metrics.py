@@ -53,3 +53,29 @@ def test_paired_bootstrap_covers_the_true_difference_about_95_percent_of_the_tim
     assert 0.85 <= covered / trials <= 1.0, covered / trials
     with pytest.raises(ValueError, match="share no seed"):
         paired_bootstrap({0: {}}, {1: {}})
+
+
+def _p4_table(relational_gain: float, vision_gain: float) -> dict:
+    """full and static_geometry over 3 seeds: 60 relational and 60 attribute expressions, 60 questions."""
+    from fineregion_pl.commands.hard_report import EXPRESSIONS, VISION
+
+    table: dict = {}
+    for name, gain in (("static_geometry", (0.0, 0.0)), ("full", (relational_gain, vision_gain))):
+        expressions, questions = {}, {}
+        for seed in range(3):
+            expressions[seed] = {(f"i{k}", k): {"expression_kind": "relational" if k < 60 else "attribute",
+                                                "ranking_acc": float(k % 100 < 100 * (0.4 + (gain[0] if k < 60 else 0.0)) * 0.6)} for k in range(120)}
+            questions[seed] = {(f"i{k}", "q"): {"vision_acc": float(k < 60 * (0.3 + gain[1])), "answer": "circle"} for k in range(60)}
+        table[name] = {"test_gt" + EXPRESSIONS: expressions, "test_gt" + VISION: questions}
+    return table
+
+
+def test_p4_verdict_reads_relational_ranking_and_vision_answers():
+    from fineregion_pl.commands.hard_report import majority_share, verdicts
+
+    held = verdicts(_p4_table(0.5, 0.5))[3]
+    assert held.startswith("- P4 **held**") and "+50.0 points" in held, held
+    refuted = verdicts(_p4_table(0.5, 0.0))[3]  # relational ranking better, vision answers not
+    assert refuted.startswith("- P4 **refuted**") and "+0.0 points [+0.0, +0.0]" in refuted, refuted
+    assert verdicts({})[3].startswith("- P4 not measured")
+    assert majority_share(_p4_table(0.0, 0.0), "full") == "1.000"  # every answer is "circle"
