@@ -1,17 +1,35 @@
-"""Box pooling by summed-area tables: the soft-coverage masked mean of a box without its mask.
+"""Box pooling by prefix sums: the soft-coverage masked mean of a box without its mask or a dense matmul.
 
 For an axis-aligned box, the soft mask of :func:`~fineregion_pl.model.region_masks.box_masks` is
-the fraction of each feature cell the box covers, so ``sum(M * F)`` is the integral of the
-piecewise-constant feature map over the box (clamped to the image), and ``sum(M)`` the box's area
-in cells. The integral of a piecewise-constant map over ``[0, u] x [0, v]`` is bilinear in
-``(u, v)`` inside each cell, so bilinear interpolation of the padded integral image
-``I[i, j] = sum_{y < i, x < j} F[y, x]`` at the fractional box corners is exact, and
+separable, ``M(y, x) = a(y) b(x)`` with ``a`` and ``b`` the fraction of each cell row and column
+the box covers, so ``sum(M * F) = sum_x b(x) sum_y a(y) F[y, x]``. The integral of the
+piecewise-constant feature map along ``y`` from 0 to ``u`` is the linear interpolation of the row
+prefix sums ``C[r] = sum_{y < r} F[y]`` at ``u``, so the ``y`` sum is exactly a combination of the
+prefix rows at the (at most four) row boundaries around the box's ends, and
 
-    z = (S(u1, v1) - S(u0, v1) - S(u1, v0) + S(u0, v0)) / ((u1 - u0) (v1 - v0))
+    z = sum_k w_k (b . C[r_k]) / area
 
-with 16 weighted lookups of ``I`` per region (4 corners x 4 bilinear neighbours), done by one
-``embedding_bag`` per level. The integral image is accumulated in float64: its entries grow with
-the number of cells while a small box is the difference of four of them.
+(``b . C[r]`` contracts the ``w`` columns of one prefix row with the box's column coverage). The
+prefix rows are never stored: one running sum ``R`` of shape ``(B, w, d)`` is streamed down the
+rows (one in-place add per row, which reads the features once), and at each row boundary the
+regions that need it are served by one small ``bmm`` of their column coverages with ``R``. The
+work is one pass over the features plus ``4 N w d`` multiply-adds per image and level (the dense
+matmul: ``N h w d``).
+
+Numerics: ``R`` is float32 (float64 for float64 features); the features are centred per image and
+channel (by their first row's mean, subtracted from ``R`` every :data:`CENTRE_EVERY` rows and added
+back exactly through the lookup weights), so the prefix sums stay within ``CENTRE_EVERY`` times
+the features' spread and offset, and a box's mean keeps an error of a few float32 ulps of that
+(measured: the same order as the dense float32 matmul's own error against float64, up to ~7x it
+for features with a large common offset, e.g. 3e-4 vs 1.3e-4 at mean 300 over 96 rows). Two lookups of one region at
+the same boundary are merged (in float64) before use, so a box inside one cell row is
+``(f1 - f0) * (C[c + 1] - C[c])``, not a cancellation of large terms.
+
+Why not a 2-D integral image with ``torch.cumsum``: torch's CPU ``cumsum`` is a scalar loop per
+output line (accumulating in double), ~10x a vectorised add per element on this machine and worse
+along a non-last dimension; a fresh ``(B, h+1, w+1, d)`` table costs page faults on every call
+(a fresh-buffer copy measured 3.4x a copy into an existing one), float64 doubles its bytes, and
+the second (column) pass reads and writes the whole table again.
 
 Shapes as in :mod:`fineregion_pl.model.region_masks`: ``features (B, h, w, d)`` channels-last,
 ``boxes (B, N, 4)`` xyxy pixels of the model input, pooled ``(B, N, d)``.
@@ -20,102 +38,181 @@ Shapes as in :mod:`fineregion_pl.model.region_masks`: ``features (B, h, w, d)`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from fineregion_pl.model.region_masks import box_masks, masked_mean
+from fineregion_pl.model.region_masks import axis_coverage, box_masks, masked_mean
 
-INTEGRAL_MIN_REGIONS = 256
-"""Region slots per image from which the model takes the summed-area path (when it is exact).
+INTEGRAL_MIN_ROWS = 48
+"""Feature rows a level needs before the model pools it by prefix sums (when exact)."""
 
-Dense pooling costs ``2 N`` multiply-adds per feature element at matmul speed; the summed-area
-table costs a fixed number of memory-bound float64 passes over the features, whatever ``N``.
-Measured on the project's 2-core CPU at Osprey's four levels (B=8, 384 px), the table path took
-~0.5 s against ~0.08 s dense at N=32 and ~0.2 s dense at N=128: below a few hundred regions per
-image the dense matmul is the faster exact path, so it stays the default there.
+INTEGRAL_MIN_REGION_ROWS = 6144
+"""Region slots per image times feature rows from which the model pools a level by prefix sums.
+
+The dense matmul costs ``2 N`` multiply-adds per feature element at matmul speed; the streamed
+prefix sums cost one memory-bound pass over the features (an in-place add per row), Python and
+kernel-launch work per row, and lookups of ``4 N / h`` multiply-adds per element in small
+``bmm``s. Measured on the project's 2-core Xeon (AVX-512; one thread, other jobs running; B=8;
+prefix-sum time / dense time, median of 5 interleaved rounds):
+
+    level         N=32   N=64   N=128  N=256
+    96x96x192     0.99   0.70   0.43   0.26
+    48x48x384     1.35   1.20   0.92   0.57
+    24x24x768     1.80   1.62   1.43   1.11
+    24x24x512     2.05   1.61   1.52   1.21
+    12x12x1536    2.79   2.92   2.62   4.32
+
+so a level is pooled by prefix sums when ``h >= INTEGRAL_MIN_ROWS`` and ``N h >=
+INTEGRAL_MIN_REGION_ROWS`` (at N=32, Osprey's setting, no level qualifies: the dense matmul).
 """
 
+CENTRE_EVERY = 8
+"""Rows between two subtractions of the centring offset from the running row sum."""
 
-class _IntegralImage(torch.autograd.Function):
-    """``(B, h, w, d)`` -> padded ``(B, h + 1, w + 1, d)`` float64 integral image; backward is the
-    adjoint (suffix sums of the gradient). Row by row adds on slices: torch's CPU ``cumsum`` scans
-    with a stride over a non-last dimension and is several times slower."""
-
-    @staticmethod
-    def forward(ctx, features: Tensor) -> Tensor:
-        ctx.dtype = features.dtype
-        b, h, w, d = features.shape
-        out = features.new_zeros(b, h + 1, w + 1, d, dtype=torch.float64)
-        out[:, 1:, 1:] = features
-        for i in range(2, h + 1):
-            out[:, i, 1:].add_(out[:, i - 1, 1:])
-        for j in range(2, w + 1):
-            out[:, 1:, j].add_(out[:, 1:, j - 1])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        g = grad[:, 1:, 1:].to(torch.float64, copy=True)
-        h, w = g.shape[1:3]
-        for i in range(h - 2, -1, -1):
-            g[:, i].add_(g[:, i + 1])
-        for j in range(w - 2, -1, -1):
-            g[:, :, j].add_(g[:, :, j + 1])
-        return g.to(ctx.dtype)
+_EARLIER = torch.ones(4, 4, dtype=torch.bool).tril(-1)
 
 
-def integral_image(features: Tensor) -> Tensor:
-    """Padded float64 integral image: ``I[b, i, j] = sum_{y < i, x < j} features[b, y, x]``, ``(B, h + 1, w + 1, d)``."""
-    return _IntegralImage.apply(features)
+@dataclass
+class RowPlan:
+    """Which regions read the running row sum at each row boundary, and with what weights.
+
+    Entries are grouped by boundary ``r`` (1..h), each group laid out ``(B, k_r)`` (padded with
+    zero weights pointing at a dummy output row), so boundary ``r``'s lookups are one
+    ``bmm(weights[o_r:o_{r+1}].view(B, k_r, w), R)``.
+
+    Attributes:
+        weights: ``(E, w)`` y-weight x column coverage / area of every entry.
+        target: ``(E,)`` flat output row ``b * (N + 1) + n`` of every entry (``N``: the dummy).
+        slots: ``k_r`` per boundary ``r = 0..h`` (``k_0 = 0``).
+        offsets: start of each boundary's entries, ``h + 2`` values.
+        shift: ``(B, N)`` multiple of the centring offset the lookups subtracted (added back).
+    """
+
+    weights: Tensor
+    target: Tensor
+    slots: list[int]
+    offsets: list[int]
+    shift: Tensor
 
 
-def _axis_lookups(lo: Tensor, hi: Tensor, cells: int, extent: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per box and axis: the 4 integral-image indices and signed bilinear weights of its two ends
-    (in cells, clamped to ``[0, cells]``), and the covered length in cells (0 when empty or NaN)."""
-    scale = cells / extent
-    lo = (lo.double() * scale).clamp(0, cells)
-    hi = (hi.double() * scale).clamp(0, cells)
-    length = torch.nan_to_num(hi - lo, nan=0.0).clamp(min=0)
-    ends = torch.nan_to_num(torch.stack([lo, hi], -1), nan=0.0)  # (..., 2)
-    cell = ends.floor().clamp(max=cells - 1)
+def row_plan(boxes: Tensor, image_size: tuple[int, int], h: int, w: int, dtype: torch.dtype) -> RowPlan:
+    """The lookups of every box on an ``h x w`` grid (see :class:`RowPlan`); float64 inside."""
+    height, width = image_size
+    b, n = boxes.shape[:2]
+    ends = (boxes[..., 1::2].double() * (h / float(height))).clamp(0, h)  # (B, N, 2) rows of y0, y1
+    len_y = torch.nan_to_num(ends[..., 1] - ends[..., 0], nan=0.0).clamp(min=0)
+    ends = torch.nan_to_num(ends, nan=0.0)
+    cell = ends.floor().clamp(max=h - 1)
     frac = ends - cell
-    index = torch.stack([cell, cell + 1], -1).long()  # (..., 2 ends, 2 neighbours)
-    sign = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=lo.device)[:, None]
-    weight = torch.stack([1 - frac, frac], -1) * sign
-    return index.flatten(-2), weight.flatten(-2), length
+    index = torch.stack([cell, cell + 1], -1).long().flatten(-2)  # (B, N, 4): c0, c0 + 1, c1, c1 + 1
+    weight = torch.stack([frac[..., 0] - 1, -frac[..., 0], 1 - frac[..., 1], frac[..., 1]], -1)
+    merged = torch.zeros(b, n, h + 1, dtype=torch.float64, device=boxes.device).scatter_add_(-1, index, weight)
+    repeated = ((index[..., :, None] == index[..., None, :]) & _EARLIER.to(boxes.device)).any(-1)
+    weight = merged.gather(-1, index).masked_fill_(repeated, 0.0)
+    cover_x = axis_coverage(boxes[..., 0].double(), boxes[..., 2].double(), w, float(width))  # (B, N, w)
+    len_x = cover_x.sum(-1)
+    area = len_y * len_x
+    tiny = torch.finfo(dtype).tiny
+    weight = weight * ((area >= tiny) / area.clamp(min=tiny))[..., None]
+    shift = (weight * torch.div(index, CENTRE_EVERY, rounding_mode="floor") * CENTRE_EVERY).sum(-1) * len_x
+    # group the entries by boundary; boundary 0 (an empty prefix) and zero weights go to row h + 1
+    row = torch.where((weight != 0) & (index > 0), index, h + 1).view(b, 4 * n)
+    row, order = torch.sort(row, dim=-1, stable=True)
+    slot = torch.arange(4 * n, device=boxes.device).expand(b, -1) - torch.searchsorted(row, row)
+    counts = torch.zeros(b, h + 2, dtype=torch.long, device=boxes.device).scatter_add_(-1, row, torch.ones_like(row))
+    slots = counts[:, : h + 1].amax(0)
+    offsets = torch.zeros(h + 2, dtype=torch.long, device=boxes.device)
+    offsets[1:] = torch.cumsum(slots * b, 0)
+    keep = row <= h
+    image = torch.arange(b, device=boxes.device)[:, None].expand(b, 4 * n)
+    region = torch.div(order, 4, rounding_mode="floor")
+    kept_row = row[keep]
+    position = offsets[kept_row] + image[keep] * slots[kept_row] + slot[keep]
+    total = int(offsets[-1])
+    weights = torch.zeros(total, w, dtype=dtype, device=boxes.device)
+    weights[position] = (weight.view(b, 4 * n).gather(-1, order)[keep, None] * cover_x[image[keep], region[keep]]).to(dtype)
+    target = torch.full((total,), n, dtype=torch.long, device=boxes.device)  # padding: image 0's dummy row
+    target[position] = (image * (n + 1) + region)[keep]
+    return RowPlan(weights, target, slots.tolist(), offsets.tolist(), shift)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _stream(features: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """The forward of :func:`box_means` (no autograd): ``(B, N, d)`` in the accumulation dtype."""
+    b, h, w, d = features.shape
+    n = boxes.shape[1]
+    acc = _accumulator(features.dtype)
+    plan = row_plan(boxes, image_size, h, w, acc)
+    offset = features[:, 0].mean(1, dtype=acc, keepdim=True)  # (B, 1, d): the centring offset
+    step = offset * CENTRE_EVERY
+    running = torch.zeros(b, w, d, dtype=acc, device=features.device)
+    out = torch.zeros(b * (n + 1), d, dtype=acc, device=features.device)
+    parts = torch.empty(plan.offsets[-1], d, dtype=acc, device=features.device)
+    budget = max(out.numel() // 4, 1 << 16)  # scatter the parts every ~N d / 4 values (bounded memory)
+    done = 0
+    rows = features.unbind(1)
+    for r in range(1, h + 1):
+        running.add_(rows[r - 1])
+        if r % CENTRE_EVERY == 0:
+            running.sub_(step)
+        k = plan.slots[r]
+        if k:
+            lo, hi = plan.offsets[r], plan.offsets[r + 1]
+            torch.bmm(plan.weights[lo:hi].view(b, k, w), running, out=parts[lo:hi].view(b, k, d))
+            if (hi - done) * d >= budget:
+                out.index_add_(0, plan.target[done:hi], parts[done:hi])
+                done = hi
+    if done < plan.offsets[-1]:
+        out.index_add_(0, plan.target[done:], parts[done:])
+    return out.view(b, n + 1, d)[:, :n] + plan.shift[..., None].to(acc) * offset
+
+
+class _BoxMeans(torch.autograd.Function):
+    """:func:`_stream` with the dense path's gradient: ``dz_i / dF[y, x] = M_i[y, x] / sum(M_i)``."""
+
+    @staticmethod
+    def forward(ctx, features: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+        ctx.save_for_backward(boxes)
+        ctx.image_size, ctx.shape, ctx.dtype = image_size, features.shape, features.dtype
+        return _stream(features, boxes, image_size).to(features.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (boxes,) = ctx.saved_tensors
+        b, h, w, d = ctx.shape
+        masks = box_masks(boxes, ctx.image_size, (h, w)).to(grad.dtype).reshape(b, boxes.shape[1], h * w)
+        total = masks.sum(-1, keepdim=True)
+        tiny = torch.finfo(masks.dtype).tiny
+        scaled = grad * ((total >= tiny).to(grad.dtype) / total.clamp(min=tiny))
+        return torch.bmm(masks.transpose(1, 2), scaled).view(b, h, w, d).to(ctx.dtype), None, None
 
 
 def box_means(features: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """Soft-coverage masked mean of every box on one level, from its integral image.
+    """Soft-coverage masked mean of every box on one level, from streamed row prefix sums.
 
-    Equal (to rounding) to ``masked_mean(features, box_masks(boxes, image_size, (h, w)))``, the
-    empty-mask rule included: reversed, zero-area, NaN and out-of-image boxes pool to zeros.
+    Equal (to float32 rounding) to ``masked_mean(features, box_masks(boxes, image_size, (h, w)))``,
+    the empty-mask rule included: reversed, zero-area, NaN and out-of-image boxes pool to zeros.
+    Differentiable in ``features`` (the dense path's gradient).
 
     Args:
-        features: ``(B, h, w, d)`` channels-last feature map.
+        features: ``(B, h, w, d)`` channels-last feature map (any strides).
         boxes: ``(B, N, 4)`` xyxy pixels.
         image_size: ``(H, W)`` of the model input.
 
     Returns:
         ``(B, N, d)`` in the dtype of ``features``.
     """
-    b, h, w, d = features.shape
-    n = boxes.shape[1]
-    height, width = image_size
-    rows, row_w, len_y = _axis_lookups(boxes[..., 1], boxes[..., 3], h, float(height))
-    cols, col_w, len_x = _axis_lookups(boxes[..., 0], boxes[..., 2], w, float(width))
-    area = len_y * len_x
-    tiny = torch.finfo(features.dtype if features.is_floating_point() else torch.float32).tiny
-    scale = (area >= tiny).double() / area.clamp(min=tiny)
-    weights = (row_w[..., :, None] * col_w[..., None, :] * scale[..., None, None]).reshape(b * n, 16)
-    offset = torch.arange(b, device=boxes.device)[:, None, None, None] * ((h + 1) * (w + 1))
-    index = (offset + rows[..., :, None] * (w + 1) + cols[..., None, :]).reshape(b * n, 16)
-    table = integral_image(features).view(b * (h + 1) * (w + 1), d)
-    pooled = F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
-    return pooled.view(b, n, d).to(features.dtype)
+    if boxes.shape[1] == 0 or features.shape[-1] == 0:
+        return features.new_zeros(features.shape[0], boxes.shape[1], features.shape[-1])
+    if torch.is_grad_enabled() and features.requires_grad:
+        return _BoxMeans.apply(features, boxes, tuple(image_size))
+    return _stream(features, boxes, image_size).to(features.dtype)
 
 
 def integrals_exact(pooling: str, hard: bool, mask_transform: object, segmentations: Optional[Tensor]) -> bool:
@@ -124,29 +221,47 @@ def integrals_exact(pooling: str, hard: bool, mask_transform: object, segmentati
     return pooling == "mask" and not hard and mask_transform is None and segmentations is None
 
 
+def integrals_faster(level: Tensor, regions: int) -> bool:
+    """Whether prefix sums pool ``regions`` slots per image from this ``(B, h, w, d)`` level faster
+    than the dense matmul (:data:`INTEGRAL_MIN_ROWS`, :data:`INTEGRAL_MIN_REGION_ROWS`)."""
+    rows = level.shape[1]
+    return rows >= INTEGRAL_MIN_ROWS and regions * rows >= INTEGRAL_MIN_REGION_ROWS
+
+
 def use_integrals(features: Sequence[Tensor], boxes: Tensor, exact: bool) -> bool:
-    """The model's rule: summed-area tables when they are exact (:func:`integrals_exact`) and the
-    images have at least :data:`INTEGRAL_MIN_REGIONS` region slots each; the dense matmul otherwise."""
-    return exact and boxes.shape[1] >= INTEGRAL_MIN_REGIONS and all(f.is_floating_point() for f in features)
+    """The model's rule: prefix sums when they are exact (:func:`integrals_exact`) and faster on
+    at least one level (:func:`integrals_faster`; :func:`pool_boxes` then picks per level); the
+    dense matmul otherwise."""
+    n = boxes.shape[1]
+    return exact and all(f.is_floating_point() for f in features) and any(integrals_faster(f, n) for f in features)
+
+
+def pool_boxes(features: Sequence[Tensor], boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Soft box masks pooled from every level, each level the faster exact way: prefix sums where
+    :func:`integrals_faster`, the dense masked matmul elsewhere. ``(B, N, sum d)``."""
+    n = boxes.shape[1]
+    masks = [None if integrals_faster(f, n) else box_masks(boxes, image_size, f.shape[1:3]).to(f.dtype) for f in features]
+    return pool_levels(features, boxes, image_size, masks)
 
 
 def pool_levels(features: Sequence[Tensor], boxes: Tensor, image_size: tuple[int, int],
-                masks: Optional[Sequence[Tensor]] = None) -> Tensor:
+                masks: Optional[Sequence[Optional[Tensor]]] = None) -> Tensor:
     """Every level pooled into one preallocated ``(B, N, sum d)`` output (no per-level outputs
-    alive together, no ``torch.cat``): :func:`box_means` when ``masks`` is ``None``, else
-    :func:`~fineregion_pl.model.region_masks.masked_mean` with the given per-level masks."""
+    alive together, no ``torch.cat``): :func:`box_means` when ``masks`` (or its entry for the
+    level) is ``None``, else :func:`~fineregion_pl.model.region_masks.masked_mean` with that mask."""
     b, n = boxes.shape[:2]
     dims = [f.shape[-1] for f in features]
     out = features[0].new_empty(b, n, sum(dims))
     start = 0
     for level, (f, d) in enumerate(zip(features, dims)):
-        out[..., start:start + d] = box_means(f, boxes, image_size) if masks is None else masked_mean(f, masks[level])
+        mask = None if masks is None else masks[level]
+        out[..., start:start + d] = box_means(f, boxes, image_size) if mask is None else masked_mean(f, mask)
         start += d
     return out
 
 
 class LazyBoxMasks(Sequence):
-    """The per-level soft box masks the summed-area path did not need, built on access (so
+    """The per-level soft box masks the prefix-sum path did not need, built on access (so
     :class:`~fineregion_pl.model.encoder.RegionFeatures` ``masks`` keeps its meaning)."""
 
     def __init__(self, boxes: Tensor, image_size: tuple[int, int], features: Sequence[Tensor]):

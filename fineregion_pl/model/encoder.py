@@ -11,7 +11,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from fineregion_pl.model.box_integrals import LazyBoxMasks, integrals_exact, pool_levels, use_integrals
+from fineregion_pl.model.box_integrals import LazyBoxMasks, integrals_exact, pool_boxes, pool_levels, use_integrals
 from fineregion_pl.model.errors import BadInputError
 from fineregion_pl.model.region_masks import area_downsample, box_masks, merge_masks
 from fineregion_pl.model.roi_pooling import RoIAlignPooling, roi_grid
@@ -162,8 +162,9 @@ class RegionEncoder(nn.Module):
         """Pool every region from every level, into one preallocated ``(B, N, D)``.
 
         Soft box masks with no ``mask_transform`` and no ``segmentations`` are pooled from
-        summed-area tables (:mod:`~fineregion_pl.model.box_integrals`, exact) when the images
-        have enough region slots for that to be the cheaper way (:func:`use_integrals`); the
+        streamed prefix sums (:mod:`~fineregion_pl.model.box_integrals`, exact) on the levels
+        where the images have enough region slots for that to be the cheaper way
+        (:func:`use_integrals`, :func:`~fineregion_pl.model.box_integrals.pool_boxes`); the
         masks are then built only if read. Everything else is the dense masked matmul.
 
         Args:
@@ -180,7 +181,7 @@ class RegionEncoder(nn.Module):
             ``z (B, N, D)`` (levels concatenated) and the per-level masks pooled with.
         """
         if self.pooling == "mask" and use_integrals(features, boxes, integrals_exact(self.pooling, hard, mask_transform, segmentations)):
-            return pool_levels(features, boxes, image_size), LazyBoxMasks(boxes, image_size, features)
+            return pool_boxes(features, boxes, image_size), LazyBoxMasks(boxes, image_size, features)
         masks = [box_masks(boxes, image_size, f.shape[1:3], hard=hard).to(f.dtype) for f in features]
         if segmentations is not None:
             masks = [merge_masks(level_segmentation(segmentations, m.shape[-2:], hard, m.dtype), m) for m in masks]

@@ -1,4 +1,4 @@
-"""Summed-area box pooling equals the dense soft-mask pooling: values, gradients, the model's dispatch."""
+"""Prefix-sum box pooling equals the dense soft-mask pooling: values, gradients, the model's dispatch."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_BACKBONE_KWARGS
 
 from fineregion_pl.model import box_integrals
-from fineregion_pl.model.box_integrals import box_means, integral_image, pool_levels
+from fineregion_pl.model.box_integrals import box_means, pool_levels, row_plan
 from fineregion_pl.model.encoder import RegionEncoder
 from fineregion_pl.model.region_masks import box_masks, masked_mean
 
@@ -37,12 +37,38 @@ def dense(features, boxes):
     return torch.cat([masked_mean(f, box_masks(boxes, SIZE, f.shape[1:3]).to(f.dtype)) for f in features], -1)
 
 
-def test_integral_image_is_the_padded_double_cumsum():
+def test_row_plan_merges_the_lookups_of_one_boundary():
+    h, w = 16, 16
+    boxes = torch.tensor([[[8.0, 6.0, 16.0, 7.5], [8.0, 6.2, 16.0, 11.9]]])  # inside one cell row; across one boundary
+    plan = row_plan(boxes, SIZE, h, w, torch.float64)
+    assert plan.slots[0] == 0 and len(plan.offsets) == h + 2
+    # every (region, boundary) pair appears once: the merged weights, not a cancellation of two terms
+    pairs = [(int(t), r) for r in range(1, h + 1) for t in plan.target[plan.offsets[r]:plan.offsets[r + 1]].tolist() if t < 2]
+    assert len(pairs) == len(set(pairs))
+    assert {r for t, r in pairs if t == 0} == {1, 2}  # y in [1, 1.25] cells: boundaries 1 and 2 only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_box_means_equal_dense_pooling_on_many_random_boxes(dtype):
+    generator = torch.Generator().manual_seed(5)
+    corner = torch.rand(3, 200, 2, generator=generator) * torch.tensor([140.0, 110.0]) - 6
+    boxes = torch.cat([corner, corner + torch.rand(3, 200, 2, generator=generator) * 40], -1)
+    for h, w, d in [(40, 37, 6), (96, 20, 3), (3, 5, 4), (1, 1, 3)]:
+        f = torch.randn(3, h, w, d, generator=generator).to(dtype)
+        ours, reference = box_means(f, boxes, SIZE), masked_mean(f, box_masks(boxes.to(dtype), SIZE, (h, w)))
+        assert ours.dtype == dtype
+        assert (ours - reference).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-12)
+        # spread and offset: within a few float32 ulps of the largest feature of the exact mean
+        shifted = f * 3 + 5
+        truth = masked_mean(shifted.double(), box_masks(boxes.double(), SIZE, (h, w)))
+        assert (box_means(shifted, boxes, SIZE) - truth).abs().max() <= 1e-5 * float(shifted.abs().max())
+
+
+def test_box_means_of_a_channels_first_view_and_of_no_regions():
     f = level_features()[0]
-    table = integral_image(f)
-    assert table.shape == (2, 17, 17, 8) and table.dtype == torch.float64
-    assert torch.equal(table[:, 0], torch.zeros_like(table[:, 0])) and torch.equal(table[:, :, 0], torch.zeros_like(table[:, :, 0]))
-    torch.testing.assert_close(table[:, 1:, 1:], f.double().cumsum(1).cumsum(2))
+    view = f.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # not contiguous channels-last
+    torch.testing.assert_close(box_means(view, odd_boxes(), SIZE), box_means(f, odd_boxes(), SIZE))
+    assert box_means(f, torch.zeros(2, 0, 4), SIZE).shape == (2, 0, f.shape[-1])
 
 
 @pytest.mark.parametrize("offset", [0.0, 300.0])  # large means: the cancellation float64 is there for
@@ -86,8 +112,9 @@ def test_the_encoder_picks_summed_area_tables_only_when_exact(monkeypatch):
     features = level_features()[:2]
     boxes = odd_boxes()
     dense_z, dense_masks = encoder.pool(features, boxes, SIZE)
-    assert isinstance(dense_masks, list)  # 12 regions < INTEGRAL_MIN_REGIONS: the dense path
-    monkeypatch.setattr(box_integrals, "INTEGRAL_MIN_REGIONS", 1)
+    assert isinstance(dense_masks, list)  # 12 regions x 16 rows < INTEGRAL_MIN_REGION_ROWS: the dense path
+    monkeypatch.setattr(box_integrals, "INTEGRAL_MIN_ROWS", 1)
+    monkeypatch.setattr(box_integrals, "INTEGRAL_MIN_REGION_ROWS", 1)
     z, masks = encoder.pool(features, boxes, SIZE)
     assert isinstance(masks, box_integrals.LazyBoxMasks)
     assert (z - dense_z).abs().max() <= 1e-5
@@ -97,3 +124,20 @@ def test_the_encoder_picks_summed_area_tables_only_when_exact(monkeypatch):
         assert isinstance(other, list), kwargs
     assert box_integrals.use_integrals(features, boxes, exact=True)
     assert not box_integrals.use_integrals(features, boxes, exact=False)
+
+
+def test_the_rule_picks_prefix_sums_per_level(monkeypatch):
+    features = level_features()  # 16, 8 and 3 rows
+    boxes = odd_boxes()  # 12 regions
+    monkeypatch.setattr(box_integrals, "INTEGRAL_MIN_ROWS", 8)
+    monkeypatch.setattr(box_integrals, "INTEGRAL_MIN_REGION_ROWS", 12 * 16)
+    assert [box_integrals.integrals_faster(f, 12) for f in features] == [True, False, False]
+    assert box_integrals.use_integrals(features, boxes, exact=True)
+    assert not box_integrals.use_integrals(features[1:], boxes, exact=True)
+    mixed = box_integrals.pool_boxes(features, boxes, SIZE)
+    assert (mixed - dense(features, boxes)).abs().max() <= 1e-5
+    # Osprey's setting (N=32; 96, 48, 24, 12 rows) stays on the dense matmul with the shipped rule
+    monkeypatch.undo()
+    osprey = [torch.zeros(1, s, s, 1) for s in (96, 48, 24, 12)]
+    assert not box_integrals.use_integrals(osprey, torch.zeros(1, 32, 4), exact=True)
+    assert box_integrals.use_integrals(osprey, torch.zeros(1, 64, 4), exact=True)
