@@ -72,6 +72,10 @@ INTEGRAL_MIN_REGION_ROWS`` (at N=32, Osprey's setting, no level qualifies: the d
 CENTRE_EVERY = 8
 """Rows between two subtractions of the centring offset from the running row sum."""
 
+LOOKUP_BUFFER = 1 << 16
+"""Least number of values the lookups of consecutive row boundaries collect in before they are
+scattered into the output (the buffer is also at least ``B (N + 1) d / 4`` and one boundary's)."""
+
 _EARLIER = torch.ones(4, 4, dtype=torch.bool).tril(-1)
 
 
@@ -153,9 +157,11 @@ def _stream(features: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Ten
     step = offset * CENTRE_EVERY
     running = torch.zeros(b, w, d, dtype=acc, device=features.device)
     out = torch.zeros(b * (n + 1), d, dtype=acc, device=features.device)
-    parts = torch.empty(plan.offsets[-1], d, dtype=acc, device=features.device)
-    budget = max(out.numel() // 4, 1 << 16)  # scatter the parts every ~N d / 4 values (bounded memory)
-    done = 0
+    # the lookups of consecutive boundaries collect in a buffer of ~max(B (N + 1) d / 4, LOOKUP_BUFFER)
+    # values, scattered into ``out`` whenever the next boundary's would not fit (bounded memory)
+    largest = max(k * b for k in plan.slots)
+    parts = torch.empty(max(largest, max(out.numel() // 4, LOOKUP_BUFFER) // max(d, 1)), d, dtype=acc, device=features.device)
+    first = fill = 0  # entry index of parts[0], rows of parts in use
     rows = features.unbind(1)
     for r in range(1, h + 1):
         running.add_(rows[r - 1])
@@ -164,12 +170,13 @@ def _stream(features: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Ten
         k = plan.slots[r]
         if k:
             lo, hi = plan.offsets[r], plan.offsets[r + 1]
-            torch.bmm(plan.weights[lo:hi].view(b, k, w), running, out=parts[lo:hi].view(b, k, d))
-            if (hi - done) * d >= budget:
-                out.index_add_(0, plan.target[done:hi], parts[done:hi])
-                done = hi
-    if done < plan.offsets[-1]:
-        out.index_add_(0, plan.target[done:], parts[done:])
+            if fill + hi - lo > parts.shape[0]:
+                out.index_add_(0, plan.target[first:first + fill], parts[:fill])
+                first, fill = lo, 0
+            torch.bmm(plan.weights[lo:hi].view(b, k, w), running, out=parts[fill:fill + hi - lo].view(b, k, d))
+            fill += hi - lo
+    if fill:
+        out.index_add_(0, plan.target[first:first + fill], parts[:fill])
     return out.view(b, n + 1, d)[:, :n] + plan.shift[..., None].to(acc) * offset
 
 

@@ -64,6 +64,13 @@ def test_box_means_equal_dense_pooling_on_many_random_boxes(dtype):
         assert (box_means(shifted, boxes, SIZE) - truth).abs().max() <= 1e-5 * float(shifted.abs().max())
 
 
+def test_a_small_lookup_buffer_is_scattered_often_with_the_same_result(monkeypatch):
+    features, boxes = level_features(), odd_boxes()
+    reference = pool_levels(features, boxes, SIZE)
+    monkeypatch.setattr(box_integrals, "LOOKUP_BUFFER", 1)  # the buffer: one boundary's lookups
+    torch.testing.assert_close(pool_levels(features, boxes, SIZE), reference, atol=1e-6, rtol=0)
+
+
 def test_box_means_of_a_channels_first_view_and_of_no_regions():
     f = level_features()[0]
     view = f.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # not contiguous channels-last
