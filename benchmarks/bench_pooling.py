@@ -34,10 +34,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import matmul, median, median_ratio, peak_memory_bytes, row, tensor_copy, time_interleaved  # noqa: E402
-from fineregion_pl.model.box_integrals import INTEGRAL_MIN_REGION_ROWS, INTEGRAL_MIN_ROWS, pool_levels  # noqa: E402
+from fineregion_pl.model.box_integrals import (  # noqa: E402
+    INTEGRAL_MIN_REGION_ROWS,
+    INTEGRAL_MIN_ROW_VALUES,
+    INTEGRAL_MIN_ROWS,
+    box_means,
+    integrals_faster,
+    pool_levels,
+)
 from fineregion_pl.model.boxes import sanitize_boxes  # noqa: E402
 from fineregion_pl.model.encoder import EncoderConfig, RegionEncoder  # noqa: E402
-from fineregion_pl.model.region_masks import box_masks  # noqa: E402
+from fineregion_pl.model.region_masks import box_masks, masked_mean  # noqa: E402
 
 
 def random_boxes(generator: torch.Generator, batch: int, regions: int, size: int) -> torch.Tensor:
@@ -301,9 +308,41 @@ def against_osprey(quick: bool) -> list[dict]:
     return rows
 
 
+def prefix_sum_rule(quick: bool) -> list[dict]:
+    """Figure 3: the per-level rule of ``RegionEncoder.pool`` (``integrals_faster``) against this
+    machine: prefix sums / dense masked matmul, one level at a time, at several region counts."""
+    batch, size, rounds = (2, 64, 2) if quick else (8, 384, 5)
+    levels = [(48, 768), (8, 16)] if quick else [(96, 192), (48, 384), (24, 768), (12, 1536)]
+    counts = [8, 128] if quick else [32, 64, 128, 256]
+    generator = torch.Generator().manual_seed(2)
+    table, picked, declined = [], [], []
+    with torch.no_grad():
+        for s, d in levels:
+            f = torch.randn(batch, s, s, d, generator=generator)
+            cells = []
+            for n in counts:
+                boxes = random_boxes(generator, batch, n, size)
+                times = time_interleaved({"dense": lambda f=f, b=boxes, s=s: masked_mean(f, box_masks(b, (size, size), (s, s))),
+                                          "prefix": lambda f=f, b=boxes: box_means(f, b, (size, size))}, rounds=rounds)
+                ratio = median_ratio(times["prefix"], times["dense"])
+                chosen = integrals_faster(f, n)
+                (picked if chosen else declined).append(ratio)
+                cells.append(f"N={n} {ratio:.2f}{'*' if chosen else ''}")
+            table.append(f"{s}x{s}x{d}: " + ", ".join(cells))
+    worst = max(picked) if picked else 0.0
+    note = (f"prefix-sum time / dense time per level, B={batch}, median of {rounds} interleaved rounds ('*': the rule, h >= "
+            f"{INTEGRAL_MIN_ROWS}, N h >= {INTEGRAL_MIN_REGION_ROWS} and B w d >= {INTEGRAL_MIN_ROW_VALUES}, picks prefix sums): "
+            + "; ".join(table)
+            + (f"; best declined {min(declined):.2f}" if declined else ""))
+    if worst > 1.0:
+        note += (". Unmet: the rule picks prefix sums where they are slower here; raise INTEGRAL_MIN_REGION_ROWS, "
+                 "INTEGRAL_MIN_ROWS or INTEGRAL_MIN_ROW_VALUES (model/box_integrals.py)")
+    return [row("pooling", "prefix-sum / dense time where the rule picks prefix sums (worst level)", worst, "<= 1.0", worst <= 1.0, note)]
+
+
 def run(quick: bool = False) -> list[dict]:
     """Every pooling figure (``quick``: tiny sizes and 2 rounds, for a smoke test)."""
-    return against_baselines(quick) + against_osprey(quick)
+    return against_baselines(quick) + against_osprey(quick) + prefix_sum_rule(quick)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ from fineregion_pl.model.region_masks import axis_coverage, box_masks, masked_me
 INTEGRAL_MIN_ROWS = 48
 """Feature rows a level needs before the model pools it by prefix sums (when exact)."""
 
+INTEGRAL_MIN_ROW_VALUES = 1 << 16
+"""Values per feature row of the whole batch (``B w d``) a level needs before the model pools it by
+prefix sums: below that, the fixed cost of the torch ops of each row dominates (the table below
+was measured at ``B w d = 147,456``)."""
+
 INTEGRAL_MIN_REGION_ROWS = 6144
 """Region slots per image times feature rows from which the model pools a level by prefix sums.
 
@@ -65,8 +70,9 @@ prefix-sum time / dense time, median of 5 interleaved rounds):
     24x24x512     2.05   1.61   1.52   1.21
     12x12x1536    2.79   2.92   2.62   4.32
 
-so a level is pooled by prefix sums when ``h >= INTEGRAL_MIN_ROWS`` and ``N h >=
-INTEGRAL_MIN_REGION_ROWS`` (at N=32, Osprey's setting, no level qualifies: the dense matmul).
+so a level is pooled by prefix sums when ``h >= INTEGRAL_MIN_ROWS``, ``N h >=
+INTEGRAL_MIN_REGION_ROWS`` and ``B w d >= INTEGRAL_MIN_ROW_VALUES`` (at N=32, Osprey's setting, no
+level qualifies: the dense matmul). ``benchmarks/bench_pooling.py`` re-measures this table.
 """
 
 CENTRE_EVERY = 8
@@ -230,9 +236,10 @@ def integrals_exact(pooling: str, hard: bool, mask_transform: object, segmentati
 
 def integrals_faster(level: Tensor, regions: int) -> bool:
     """Whether prefix sums pool ``regions`` slots per image from this ``(B, h, w, d)`` level faster
-    than the dense matmul (:data:`INTEGRAL_MIN_ROWS`, :data:`INTEGRAL_MIN_REGION_ROWS`)."""
-    rows = level.shape[1]
-    return rows >= INTEGRAL_MIN_ROWS and regions * rows >= INTEGRAL_MIN_REGION_ROWS
+    than the dense matmul (:data:`INTEGRAL_MIN_ROWS`, :data:`INTEGRAL_MIN_REGION_ROWS`,
+    :data:`INTEGRAL_MIN_ROW_VALUES`)."""
+    b, rows, w, d = level.shape
+    return rows >= INTEGRAL_MIN_ROWS and regions * rows >= INTEGRAL_MIN_REGION_ROWS and b * w * d >= INTEGRAL_MIN_ROW_VALUES
 
 
 def use_integrals(features: Sequence[Tensor], boxes: Tensor, exact: bool) -> bool:

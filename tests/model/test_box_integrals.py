@@ -122,6 +122,7 @@ def test_the_encoder_picks_summed_area_tables_only_when_exact(monkeypatch):
     assert isinstance(dense_masks, list)  # 12 regions x 16 rows < INTEGRAL_MIN_REGION_ROWS: the dense path
     monkeypatch.setattr(box_integrals, "INTEGRAL_MIN_ROWS", 1)
     monkeypatch.setattr(box_integrals, "INTEGRAL_MIN_REGION_ROWS", 1)
+    monkeypatch.setattr(box_integrals, "INTEGRAL_MIN_ROW_VALUES", 1)
     z, masks = encoder.pool(features, boxes, SIZE)
     assert isinstance(masks, box_integrals.LazyBoxMasks)
     assert (z - dense_z).abs().max() <= 1e-5
@@ -138,13 +139,15 @@ def test_the_rule_picks_prefix_sums_per_level(monkeypatch):
     boxes = odd_boxes()  # 12 regions
     monkeypatch.setattr(box_integrals, "INTEGRAL_MIN_ROWS", 8)
     monkeypatch.setattr(box_integrals, "INTEGRAL_MIN_REGION_ROWS", 12 * 16)
+    monkeypatch.setattr(box_integrals, "INTEGRAL_MIN_ROW_VALUES", 2 * 16 * 8)
     assert [box_integrals.integrals_faster(f, 12) for f in features] == [True, False, False]
     assert box_integrals.use_integrals(features, boxes, exact=True)
     assert not box_integrals.use_integrals(features[1:], boxes, exact=True)
     mixed = box_integrals.pool_boxes(features, boxes, SIZE)
     assert (mixed - dense(features, boxes)).abs().max() <= 1e-5
-    # Osprey's setting (N=32; 96, 48, 24, 12 rows) stays on the dense matmul with the shipped rule
+    # Osprey's setting (B=8, N=32; 96, 48, 24, 12 rows) stays on the dense matmul with the shipped rule
     monkeypatch.undo()
-    osprey = [torch.zeros(1, s, s, 1) for s in (96, 48, 24, 12)]
-    assert not box_integrals.use_integrals(osprey, torch.zeros(1, 32, 4), exact=True)
-    assert box_integrals.use_integrals(osprey, torch.zeros(1, 64, 4), exact=True)
+    osprey = [torch.empty(8, s, s, 18432 // s) for s in (96, 48, 24, 12)]
+    assert not box_integrals.use_integrals(osprey, torch.zeros(8, 32, 4), exact=True)
+    assert box_integrals.use_integrals(osprey, torch.zeros(8, 64, 4), exact=True)
+    assert not box_integrals.use_integrals([f[:1] for f in osprey], torch.zeros(1, 64, 4), exact=True)  # one image: B w d too small
