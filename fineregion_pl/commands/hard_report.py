@@ -250,6 +250,7 @@ def write_report(root: Path, data: Path, rows: dict[str, dict], size, choice: di
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(new)
         print(f"hard-suite results written to {target}")
-    summary = {name: {split: _mean(_scores(runs, "text_acc" if "stage2" in rows[name] else "region_acc")) for split, runs in splits.items()} for name, splits in table.items()}
+    summary = {name: {split: _mean(_scores(runs, "text_acc" if "stage2" in rows[name] else "region_acc")) for split, runs in splits.items() if ":" not in split}
+               for name, splits in table.items()}  # per-region scores; the per-expression and per-question entries are in the report
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

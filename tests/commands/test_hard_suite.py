@@ -72,7 +72,8 @@ def test_the_suite_runs_end_to_end_at_toy_size_resumes_and_keeps_the_predictions
     summary = hard_suite(**kwargs)
     text = out.read_text()
     assert text.startswith("# Hard mode\n\n## Predictions") and "pending" not in text and BEGIN in text and END in text
-    assert "### Stage-1 rows" in text and "### Stage-2 rows" in text and "- P1 " in text and "- P3 " in text
+    assert "### Stage-1 rows" in text and "### Stage-2 rows" in text and "- P1 " in text and "- P3 " in text and "- P4 " in text
+    assert "one-anchor vision questions" in text and (tmp_path / "suite" / "full" / "seed0" / "test_gt" / "vision_questions.jsonl").is_file()
     assert (tmp_path / "images" / "hard_accuracy_vs_iou.png").stat().st_size > 5000
     assert set(summary) == {"s1_soft", "s1_full", "full"} and set(summary["full"]) == {"test_gt", "test_det01", "test_det02", "test_loose", "test_ground"}
     assert all(0.0 <= v <= 1.0 for splits in summary.values() for v in splits.values())
