@@ -101,6 +101,10 @@ def _results_json(root: Path, name: str, seeds, split: str, section: str, metric
 FOREIGN = lambda r: r.get("foreign_share", 0) > 0.3  # noqa: E731
 INTERSECTING = lambda r: bool(r.get("intersects"))  # noqa: E731
 RELATIONAL = lambda r: r.get("expression_kind") == "relational"  # noqa: E731
+FLOOR_EXACT = 0.05
+"""Caption exactness under which P3's "lowers exactness" cannot be told (both rows at the floor)."""
+CHANCE_MARGIN = 0.03
+"""P4 is not separable when both rows answer the vision questions within this of always naming the most frequent answer."""
 
 
 def majority_share(table, name: str) -> str:
@@ -133,16 +137,28 @@ def verdicts(table) -> list[str]:
     vision = difference(table, "full", "static_geometry", "test_gt" + VISION, "vision_acc")
     p4 = None not in (relational, vision) and relational[0] >= 0.05 and vision[0] >= 0.05
 
-    def word(ok, *parts):
-        return "not measured (rows missing)" if any(p is None for p in parts) else ("**held**" if ok else "**refuted**")
+    def word(ok, *parts, floor=None):
+        if any(p is None for p in parts):
+            return "not measured (rows missing)"
+        return f"**not separable here** ({floor})" if floor else ("**held**" if ok else "**refuted**")
+
+    # a difference between two rows that both sit at the score's floor says nothing about the claim
+    exact = {r: _mean(_scores(table[r]["test_gt"], "exact", INTERSECTING)) for r in ("consistency_10x", "consistency_0") if "test_gt" in table.get(r, {})}
+    p3_floor = f"exactness on intersecting regions {', '.join(f'{v:.3f}' for v in exact.values())}: at the floor, it cannot go lower" \
+        if len(exact) == 2 and max(exact.values()) < FLOOR_EXACT else None
+    p4_floor = None
+    if relational is not None and vision is not None:
+        at_chance = {r: (_mean(_scores(table[r]["test_gt" + VISION], "vision_acc")), float(majority_share(table, r))) for r in ("full", "static_geometry")}
+        if all(acc - chance < CHANCE_MARGIN for acc, chance in at_chance.values()):
+            p4_floor = "vision answers at the most frequent answer's share: " + ", ".join(f"{r} {a:.3f} vs {c:.3f}" for r, (a, c) in at_chance.items())
 
     return [
         f"- P1 {word(p1, hard_soft, dyn_soft_gt, dyn_soft)}: ground-truth boxes, hard - soft {fmt(hard_soft)}, dynamic - soft {fmt(dyn_soft_gt)}; "
         f"sigma-0.2 boxes, dynamic - soft {fmt(dyn_soft)} (threshold: within 1 point; >= +3 with the CI above 0).",
         f"- P2 {word(p2, seg, lmask)}: regions > 30% foreign pixels (ground-truth boxes), segmentation - box masks {fmt(seg)} (>= +5); "
         f"attention pooling with - without L_mask {fmt(lmask)} (>= +2).",
-        f"- P3 {word(p3, p3d)}: caption exactness on regions whose box intersects another, consistency 10x - weight 0 {fmt(p3d)} (lower: CI below 0).",
-        f"- P4 {word(p4, relational, vision)}: adaptive - static-with-geometry prompts (ground-truth boxes), relational referring "
+        f"- P3 {word(p3, p3d, floor=p3_floor)}: caption exactness on regions whose box intersects another, consistency 10x - weight 0 {fmt(p3d)} (lower: CI below 0).",
+        f"- P4 {word(p4, relational, vision, floor=p4_floor)}: adaptive - static-with-geometry prompts (ground-truth boxes), relational referring "
         f"expressions ranked among the image's true boxes (gt-ranking hit, not generated text) {fmt(relational)}; one-anchor vision "
         f"questions answered by the LM (exact answer) {fmt(vision)} (each >= +5).",
     ]
@@ -179,12 +195,25 @@ def plot(table, rows, path: Path) -> None:
     plt.close(fig)
 
 
+def job_seconds(root: Path) -> float:
+    """The seconds every finished run of the suite recorded in its done marker (``finished`` / ``evaluated``), added up."""
+    total = 0.0
+    for marker in [*root.rglob("finished"), *root.rglob("evaluated")]:
+        try:
+            total += float(marker.read_text().split()[0])
+        except (ValueError, IndexError):
+            continue
+    return total
+
+
 def report_text(root: Path, table, rows, size, choice, seconds: float, plot_name: Optional[str]) -> str:
     """The Markdown of the hard suite's results (between :data:`BEGIN` and :data:`END`)."""
     s1 = [n for n, r in rows.items() if "stage2" not in r]
     s2 = [n for n, r in rows.items() if "stage2" in r]
     parts = [BEGIN, "", "## Hard-mode results", "",
-             f"Made by `fineregion-pl ablations --suite hard` in {seconds / 60:.0f} min; {size.train_images} training images, "
+             f"Made by `fineregion-pl ablations --suite hard`: this invocation {seconds / 60:.0f} min; the runs' own recorded times "
+             f"add up to {job_seconds(root) / 3600:.1f} job-hours (as recorded; two runs side by side take about half that in wall time on a quiet machine, more when other jobs share the cores); "
+             f"{size.train_images} training images, "
              f"{size.test_images} test images per variant; stage 1 {size.stage1_steps} steps, stage 2 {size.stage2_steps} steps. "
              f"Recipe chosen on val: `{choice['key']}` = {choice['value']} (val region accuracy on {choice['split']}: "
              + ", ".join(f"{k}: {v:.3f}" for k, v in choice["val_region_acc"].items()) + "). Cells: mean over seeds and regions "
