@@ -55,7 +55,10 @@ def test_paired_bootstrap_covers_the_true_difference_about_95_percent_of_the_tim
         paired_bootstrap({0: {}}, {1: {}})
 
 
-def _p4_table(relational_gain: float, vision_gain: float) -> dict:
+from fineregion_pl.data.synthetic import SHAPES  # noqa: E402
+
+
+def _p4_table(relational_gain: float, vision_gain: float, vision_base: float = 0.3) -> dict:
     """full and static_geometry over 3 seeds: 60 relational and 60 attribute expressions, 60 questions."""
     from fineregion_pl.commands.hard_report import EXPRESSIONS, VISION
 
@@ -65,7 +68,7 @@ def _p4_table(relational_gain: float, vision_gain: float) -> dict:
         for seed in range(3):
             expressions[seed] = {(f"i{k}", k): {"expression_kind": "relational" if k < 60 else "attribute",
                                                 "ranking_acc": float(k % 100 < 100 * (0.4 + (gain[0] if k < 60 else 0.0)) * 0.6)} for k in range(120)}
-            questions[seed] = {(f"i{k}", "q"): {"vision_acc": float(k < 60 * (0.3 + gain[1])), "answer": "circle"} for k in range(60)}
+            questions[seed] = {(f"i{k}", "q"): {"vision_acc": float(k < 60 * (vision_base + gain[1])), "answer": SHAPES[k % 5]} for k in range(60)}
         table[name] = {"test_gt" + EXPRESSIONS: expressions, "test_gt" + VISION: questions}
     return table
 
@@ -78,4 +81,6 @@ def test_p4_verdict_reads_relational_ranking_and_vision_answers():
     refuted = verdicts(_p4_table(0.5, 0.0))[3]  # relational ranking better, vision answers not
     assert refuted.startswith("- P4 **refuted**") and "+0.0 points [+0.0, +0.0]" in refuted, refuted
     assert verdicts({})[3].startswith("- P4 not measured")
-    assert majority_share(_p4_table(0.0, 0.0), "full") == "1.000"  # every answer is "circle"
+    assert majority_share(_p4_table(0.0, 0.0), "full") == "0.200"  # five answers, equally often
+    at_chance = verdicts(_p4_table(0.5, 0.0, vision_base=0.2))[3]  # both rows answer like always naming one shape
+    assert at_chance.startswith("- P4 **not separable here** (vision answers at the most frequent answer's share"), at_chance

@@ -149,5 +149,6 @@ def test_the_rule_picks_prefix_sums_per_level(monkeypatch):
     monkeypatch.undo()
     osprey = [torch.empty(8, s, s, 18432 // s) for s in (96, 48, 24, 12)]
     assert not box_integrals.use_integrals(osprey, torch.zeros(8, 32, 4), exact=True)
-    assert box_integrals.use_integrals(osprey, torch.zeros(8, 64, 4), exact=True)
-    assert not box_integrals.use_integrals([f[:1] for f in osprey], torch.zeros(1, 64, 4), exact=True)  # one image: B w d too small
+    assert not box_integrals.use_integrals(osprey, torch.zeros(8, 64, 4), exact=True)  # 96 rows x 64 < INTEGRAL_MIN_REGION_ROWS
+    assert box_integrals.use_integrals(osprey, torch.zeros(8, 128, 4), exact=True)
+    assert not box_integrals.use_integrals([f[:1] for f in osprey], torch.zeros(1, 128, 4), exact=True)  # one image: B w d too small
