@@ -107,16 +107,16 @@ CHANCE_MARGIN = 0.03
 """P4 is not separable when both rows answer the vision questions within this of always naming the most frequent answer."""
 
 
-def majority_share(table, name: str) -> str:
+def majority_share(table, name: str) -> Optional[float]:
     """The share of the one-anchor questions (test_gt, first seed) whose answer is the most frequent
-    answer: what always naming that shape would score."""
+    answer: what always naming that shape would score (``None`` without answers)."""
     from collections import Counter
 
     runs = table.get(name, {}).get("test_gt" + VISION)
     if not runs:
-        return "-"
+        return None
     answers = Counter(q["answer"] for q in runs[min(runs)].values())
-    return f"{answers.most_common(1)[0][1] / sum(answers.values()):.3f}"
+    return answers.most_common(1)[0][1] / sum(answers.values())
 
 
 def verdicts(table) -> list[str]:
@@ -148,7 +148,7 @@ def verdicts(table) -> list[str]:
         if len(exact) == 2 and max(exact.values()) < FLOOR_EXACT else None
     p4_floor = None
     if relational is not None and vision is not None:
-        at_chance = {r: (_mean(_scores(table[r]["test_gt" + VISION], "vision_acc")), float(majority_share(table, r))) for r in ("full", "static_geometry")}
+        at_chance = {r: (_mean(_scores(table[r]["test_gt" + VISION], "vision_acc")), majority_share(table, r)) for r in ("full", "static_geometry")}
         if all(acc - chance < CHANCE_MARGIN for acc, chance in at_chance.values()):
             p4_floor = "vision answers at the most frequent answer's share: " + ", ".join(f"{r} {a:.3f} vs {c:.3f}" for r, (a, c) in at_chance.items())
 
@@ -241,7 +241,8 @@ def report_text(root: Path, table, rows, size, choice, seconds: float, plot_name
         for name in s2:
             spatial = _results_json(root, name, size.stage2_seeds, "test_gt", "spatial", "accuracy")
             count = _results_json(root, name, size.stage2_seeds, "test_gt", "vision_questions", "questions")
-            parts.append(f"| `{name}` | {'-' if spatial is None else f'{spatial:.3f}'} | {'-' if count is None else f'{count:.0f}'} | {majority_share(table, name)} |")
+            majority = majority_share(table, name)
+            parts.append(f"| `{name}` | {'-' if spatial is None else f'{spatial:.3f}'} | {'-' if count is None else f'{count:.0f}'} | {'-' if majority is None else f'{majority:.3f}'} |")
     parts += ["", "### Breakdowns (ground-truth boxes; region accuracy for stage-1 rows, text accuracy for stage-2 rows)", ""]
     for key in ("foreign_share", "visible_fraction", "size"):
         labels = [b if isinstance(b, str) else bin_of(b[0], BREAKDOWNS[key]) for b in BREAKDOWNS[key]]

@@ -68,10 +68,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _facts_by_key(facts: Path) -> dict[tuple[str, int], dict]:
+    return {(str(f["image_id"]), int(f["region_id"])): f for f in read_jsonl(facts)}
+
+
 def scored_regions(predictions: Path, facts: Path) -> dict[tuple[str, int], dict]:
     """``{(image_id, region_id): facts + scores}`` for every annotated region (proposals and
     regions without a category are left out) of one run on one split."""
-    by_key = {(str(f["image_id"]), int(f["region_id"])): f for f in read_jsonl(facts) if f.get("category")}
+    by_key = {key: f for key, f in _facts_by_key(facts).items() if f.get("category")}
     out = {}
     for row in read_jsonl(predictions):
         key = (str(row["image_id"]), int(row["region_id"]))
@@ -87,7 +91,7 @@ def scored_expressions(expressions: Path, facts: Path) -> dict[tuple[str, int], 
     """``{(image_id, region_id): facts + {"ranking_acc": hit}}`` of every grounded expression of one
     run on one split (``expressions.jsonl`` of ``test``), joined with the split's ``regions.jsonl``
     (its ``expression_kind`` says which are relational)."""
-    by_key = {(str(f["image_id"]), int(f["region_id"])): f for f in read_jsonl(facts)}
+    by_key = _facts_by_key(facts)
     out = {}
     for row in read_jsonl(expressions):
         key = (str(row["image_id"]), int(row["region_id"]))

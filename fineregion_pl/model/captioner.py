@@ -599,31 +599,34 @@ def vision_question_groups(batch: dict[str, Any], index: Tensor, relations: Sequ
     """The batch's one-anchor questions (``batch["vision_questions"]``) whose anchor is in the batch
     and whose relation is one of ``relations``, grouped by relation: ``{relation: (anchor rows of
     index, questions)}`` (each relation is its own template)."""
-    row_of = {(b, n): row for row, (b, n) in enumerate(index.tolist())}
     groups: dict[str, tuple[list[int], list[dict]]] = {}
-    for b, questions in enumerate(batch.get("vision_questions") or []):
-        slot = {rid: n for n, rid in enumerate(batch["region_ids"][b])}
-        for q in questions:
-            row = row_of.get((b, slot.get(q["regions"][0], -1)))
-            relation = question_relation(q["question"], relations)
-            if row is not None and relation is not None:
-                rows, kept = groups.setdefault(relation, ([], []))
-                rows.append(row)
-                kept.append(q)
+    for (row,), q in _question_rows(batch, index, "vision_questions", 1):
+        relation = question_relation(q["question"], relations)
+        if relation is not None:
+            rows, kept = groups.setdefault(relation, ([], []))
+            rows.append(row)
+            kept.append(q)
     return groups
 
 
 def spatial_pairs(batch: dict[str, Any], index: Tensor) -> tuple[list[int], list[int], list[dict]]:
     """For each spatial question whose two regions are in the batch: the rows of ``index`` of its
     first and second region, and the question."""
-    row_of = {(b, n): row for row, (b, n) in enumerate(index.tolist())}
     first, second, kept = [], [], []
-    for b, questions in enumerate(batch["questions"]):
+    for (a, c), q in _question_rows(batch, index, "questions", 2):
+        first.append(a)
+        second.append(c)
+        kept.append(q)
+    return first, second, kept
+
+
+def _question_rows(batch: dict[str, Any], index: Tensor, key: str, regions: int):
+    """``(rows, question)`` for each question of ``batch[key]`` whose first ``regions`` regions are
+    all in the batch: ``rows`` are those regions' rows of ``index``."""
+    row_of = {(b, n): row for row, (b, n) in enumerate(index.tolist())}
+    for b, questions in enumerate(batch.get(key) or []):
         slot = {rid: n for n, rid in enumerate(batch["region_ids"][b])}
         for q in questions:
-            a, c = (row_of.get((b, slot.get(rid, -1))) for rid in q["regions"][:2])
-            if a is not None and c is not None:
-                first.append(a)
-                second.append(c)
-                kept.append(q)
-    return first, second, kept
+            rows = tuple(row_of.get((b, slot.get(rid, -1))) for rid in q["regions"][:regions])
+            if None not in rows:
+                yield rows, q

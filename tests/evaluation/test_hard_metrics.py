@@ -81,6 +81,6 @@ def test_p4_verdict_reads_relational_ranking_and_vision_answers():
     refuted = verdicts(_p4_table(0.5, 0.0))[3]  # relational ranking better, vision answers not
     assert refuted.startswith("- P4 **refuted**") and "+0.0 points [+0.0, +0.0]" in refuted, refuted
     assert verdicts({})[3].startswith("- P4 not measured")
-    assert majority_share(_p4_table(0.0, 0.0), "full") == "0.200"  # five answers, equally often
+    assert majority_share(_p4_table(0.0, 0.0), "full") == 0.2  # five answers, equally often
     at_chance = verdicts(_p4_table(0.5, 0.0, vision_base=0.2))[3]  # both rows answer like always naming one shape
     assert at_chance.startswith("- P4 **not separable here** (vision answers at the most frequent answer's share"), at_chance
