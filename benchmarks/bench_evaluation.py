@@ -4,7 +4,8 @@ What ``Stage2Module.test_step`` runs per batch on the synthetic benchmark: ``Reg
 once, then ``describe_batch`` (greedy captions), grounding of every referring expression among
 its image's regions, and the spatial answers. Old: ``packed_sequences: false`` and
 ``ground_expressions_one_by_one`` (one LM call per expression, today's loop). New: the packed LM
-and ``ground_expressions`` (every candidate of every expression in one call). The module is
+and ``ground_expressions`` (every candidate of every expression in one call, each region's context
+computed once for all the expressions it is a candidate of, the outcomes batched). The module is
 ``benchmarks/bench_stage2_step.py``'s (the quickstart's settings, an untrained stage-1 checkpoint
 and a tiny Llama made in a temporary folder), on one fixed batch; the outputs of both ways are
 checked equal. COCO caption scoring (pycocoevalcap, Java) runs once per test set, after the

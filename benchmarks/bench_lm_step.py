@@ -3,7 +3,9 @@
 ``RegionLanguageModel`` around a Qwen2 built from Qwen2.5-0.5B's config (hidden 896, 24 layers, 14
 heads, 2 KV heads, intermediate 4864, vocab 151,936; random weights, built locally by
 ``benchmarks/plan.py``'s ``from_config_loader``, the same LoRA set-up as ``load_language_model``),
-float32 on the CPU. One step = the text calls ``RegionCaptioner.losses`` makes for a batch of the
+float32 on the CPU, with the recipe's ``attn_implementation`` (sdpa) and ``gradient_checkpointing`` (on):
+checkpointing keeps only each layer's input for backward, so what is left of the step's memory is
+what the two ways differ in (the logits). One step = the text calls ``RegionCaptioner.losses`` makes for a batch of the
 real recipe's mix (``configs/stage2.yaml``: RefCOCOg umd + Visual Genome 1:1, at most
 ``max_regions`` regions, captions for every region, referring expressions for RefCOCOg's, two
 spatial questions per VG image; target lengths drawn around ``plan.py``'s means), then backward.
@@ -35,13 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(packed: bool, layers: int, vocab: int = LLM_CONFIGS[SMALL_LLM]["vocab_size"]) -> language_model.RegionLanguageModel:
-    """The LM of the stage-2 recipe's settings, at Qwen2.5-0.5B's shape with ``layers`` layers."""
+    """The LM of the stage-2 recipe's settings (its templates, LoRA, ``attn_implementation`` and
+    ``gradient_checkpointing``), at Qwen2.5-0.5B's shape with ``layers`` layers."""
     s2 = read_config(ROOT / "configs" / "stage2.yaml")["model"]["init_args"]["language_model"]
     config = LanguageModelConfig(name_or_path=SMALL_LLM, caption_template=s2["caption_template"], referring_template=s2["referring_template"],
                                  question_template=s2["question_template"], packed_sequences=packed,
+                                 attn_implementation=s2["attn_implementation"], gradient_checkpointing=s2["gradient_checkpointing"],
                                  lora=LoraSettings(**{**s2.get("lora", {}), "dropout": 0.0}))
     spec = dict(LLM_CONFIGS[SMALL_LLM], num_hidden_layers=layers, vocab_size=vocab)
-    with mock.patch.dict(LLM_CONFIGS, {SMALL_LLM: spec}), mock.patch.object(language_model, "load_language_model", from_config_loader(SMALL_LLM, torch.float32)):
+    loader = from_config_loader(SMALL_LLM, torch.float32, config.attn_implementation, config.gradient_checkpointing)
+    with mock.patch.dict(LLM_CONFIGS, {SMALL_LLM: spec}), mock.patch.object(language_model, "load_language_model", loader):
         torch.manual_seed(0)
         lm = language_model.RegionLanguageModel(config)
     return lm
@@ -110,7 +115,8 @@ def run(quick: bool = False) -> list[dict]:
     peak_old = peak_memory_bytes(lambda: step(old, calls))[0]
     peak_new = peak_memory_bytes(lambda: step(new, calls))[0]
     rows_ = [len(c[1]) for c in calls]
-    sizes = (f"Qwen2.5-0.5B shape ({layers} of 24 layers), fp32 CPU, LoRA; {images} images of the recipe's mix: "
+    settings = f"{old.config.attn_implementation} attention, gradient checkpointing {'on' if old.config.gradient_checkpointing else 'off'} (the recipe's)"
+    sizes = (f"Qwen2.5-0.5B shape ({layers} of 24 layers), fp32 CPU, LoRA, {settings}; {images} images of the recipe's mix: "
              f"{' + '.join(f'{n} {c[2]}' for n, c in zip(rows_, calls))} sequences; losses {loss_old:.4f} (old) / {loss_new:.4f} (new)")
     speed = median_ratio(times["old"], times["new"])
     memory = peak_old / peak_new

@@ -63,7 +63,7 @@ import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 
 from fineregion_pl.model.chunked_loss import DEFAULT_CHUNK  # noqa: E402
-from fineregion_pl.model.language_model import PACKED_FAMILIES  # noqa: E402
+from fineregion_pl.model.language_model import PACKED_FAMILIES, enable_activation_checkpointing  # noqa: E402
 from fineregion_pl.model.packing import packed_rows  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM, bf16 dense (no sparsity)
@@ -155,23 +155,26 @@ def word_tokenizer(config, bos: bool):
     return tokenizer
 
 
-def from_config_loader(name: str, dtype: torch.dtype) -> Callable:
+def from_config_loader(name: str, dtype: torch.dtype, attn_implementation: str = "eager", gradient_checkpointing: bool = False) -> Callable:
     """What ``load_language_model`` does, with the LM built from its config instead of downloaded.
 
     ``AutoModelForCausalLM.from_config`` (in the current device context: meta), ``train()``, peft
     LoRA from ``config.lora`` exactly as ``load_language_model`` sets it up. The dtype is the plan's
     (bf16 for the recipe's ``dtype: bfloat16`` under ``bf16-mixed``, fp32 for the one-process table),
-    whatever ``precision`` the caller passes. Two differences, both for the meta device: eager
-    attention (sdpa's mask check reads the mask's values; the attention FLOPs are the same), and
-    gradient checkpointing is not switched on but modelled (:class:`StepCount`).
+    whatever ``precision`` the caller passes. Two defaults differ from the recipe, both for the meta
+    device: eager attention (sdpa's mask check reads the mask's values; the attention FLOPs are the
+    same), and gradient checkpointing is not switched on but modelled (:class:`StepCount`); a
+    benchmark on real tensors passes the recipe's ``attn_implementation`` and ``gradient_checkpointing``.
     """
 
     def load(config, precision: Optional[str] = None) -> tuple[torch.nn.Module, Any, bool]:
         import transformers
         from peft import LoraConfig, TaskType, get_peft_model
 
-        model = transformers.AutoModelForCausalLM.from_config(llm_config(name), dtype=dtype, attn_implementation="eager")
+        model = transformers.AutoModelForCausalLM.from_config(llm_config(name), dtype=dtype, attn_implementation=attn_implementation)
         model.train()
+        if gradient_checkpointing:
+            enable_activation_checkpointing(model)
         tokenizer = word_tokenizer(config, LLM_CONFIGS[name]["bos_token"])
         if config.lora.enabled:
             lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,

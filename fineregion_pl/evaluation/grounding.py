@@ -28,6 +28,34 @@ def grounding_outcome(scores: Tensor, candidate_boxes: Tensor, target_box: Tenso
     return float((ious >= 0.5).float().mean()), float(ious.mean())
 
 
+def grounding_outcomes(scores: Tensor, segments: Tensor, candidate_boxes: Tensor, target_boxes: Tensor, atol: float = 1e-6) -> list[tuple[float, float, float]]:
+    """:func:`grounding_outcome` of many expressions at once, with ``chance`` (the share of an
+    expression's candidates that are hits: what a uniformly random pick scores).
+
+    Args:
+        scores: ``(P,)`` the log-likelihood of each (expression, candidate) pair.
+        segments: ``(P,)`` the expression of each pair, ``0..E-1``, every expression with at least one.
+        candidate_boxes: ``(P, 4)`` xyxy, each pair's candidate box.
+        target_boxes: ``(E, 4)`` xyxy, each expression's referred box.
+
+    Returns:
+        per expression ``(hit@0.5, IoU, chance)``: the first two as :func:`grounding_outcome`
+        (float32 IoUs, averaged over tied best candidates), ``chance`` from float64 IoUs.
+    """
+    count = int(target_boxes.shape[0])
+    best = torch.full((count,), float("-inf"), dtype=scores.dtype).scatter_reduce(0, segments, scores, "amax")
+    tied = scores >= best[segments] - atol
+    targets = target_boxes[segments]
+    ious = matched_box_iou(candidate_boxes.float(), targets.float())
+    ties = torch.zeros(count).index_add(0, segments, tied.float())
+    hits = torch.zeros(count).index_add(0, segments, (tied & (ious >= 0.5)).float()) / ties
+    mean_iou = torch.zeros(count).index_add(0, segments, torch.where(tied, ious, 0.0)) / ties
+    candidates = torch.zeros(count, dtype=torch.float64).index_add(0, segments, torch.ones_like(scores, dtype=torch.float64))
+    chance = torch.zeros(count, dtype=torch.float64).index_add(
+        0, segments, (matched_box_iou(candidate_boxes.double(), targets.double()) >= 0.5).double()) / candidates
+    return list(zip(hits.tolist(), mean_iou.tolist(), chance.tolist()))
+
+
 def grounding_metrics(outcomes: list[tuple[float, ...]]) -> dict[str, float]:
     """``acc@0.5`` and ``mIoU`` over expressions' outcomes ``(hit, IoU)`` from :func:`grounding_outcome`,
     and ``chance`` when the outcomes carry a third value (the hit a random pick would score)."""

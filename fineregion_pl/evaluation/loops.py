@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from fineregion_pl.evaluation.grounding import grounding_outcome
-from fineregion_pl.evaluation.protocol_loop import score_in_chunks
+from fineregion_pl.evaluation.grounding import grounding_outcome, grounding_outcomes
+from fineregion_pl.evaluation.protocol_loop import score_shared_in_chunks
 from fineregion_pl.evaluation.rec import hit_fraction
 from fineregion_pl.model.captioner import EncodedBatch, RegionCaptioner, referring_targets, spatial_pairs, vision_question_groups
 from fineregion_pl.model.language_model import vision_question_task
@@ -25,7 +25,8 @@ def ground_expressions(captioner: RegionCaptioner, batch: dict[str, Any], encode
     ``chance`` is the hit a uniformly random pick among those candidates would score.
 
     Every candidate of every expression is scored in one LM call (in chunks of
-    ``generation_batch_size`` rows), the same numbers as :func:`ground_expressions_one_by_one`.
+    ``generation_batch_size`` pairs), each region's context computed once for all the expressions
+    it is a candidate of; the same numbers as :func:`ground_expressions_one_by_one`.
     """
     index = encoded.index
     rows, expressions = referring_targets(batch, index, training=False)
@@ -33,11 +34,14 @@ def ground_expressions(captioner: RegionCaptioner, batch: dict[str, Any], encode
     candidates = [(image_of == image_of[row]).nonzero().flatten() for row in rows]
     if not rows:
         return []
-    flat = torch.cat(candidates)
+    owners = torch.cat(candidates).tolist()
     texts = [e for e, c in zip(expressions, candidates) for _ in range(len(c))]
-    scores = score_in_chunks(captioner, encoded.prompts[flat], texts, "referring").split([len(c) for c in candidates])
+    scores = score_shared_in_chunks(captioner, encoded.prompts, texts, owners, "referring")
     real = captioner.reported_boxes(batch)[0]
-    return [_outcome(index, image_of, real, row, c, s) for row, c, s in zip(rows, candidates, scores)]
+    flat = torch.tensor(owners, device=index.device)
+    referred = index[torch.tensor(rows, device=index.device)]
+    segments = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(c) for c in candidates]))
+    return grounding_outcomes(scores, segments, real[image_of[flat], index[flat, 1]].cpu(), real[referred[:, 0], referred[:, 1]].cpu())
 
 
 @torch.no_grad()

@@ -30,6 +30,23 @@ def score_in_chunks(captioner: RegionCaptioner, prompts: torch.Tensor, texts: li
     return torch.cat([captioner.score(prompts[i : i + step], texts[i : i + step], task).float().cpu() for i in range(0, len(texts), step)])
 
 
+def score_shared_in_chunks(captioner: RegionCaptioner, prompts: torch.Tensor, texts: list[str], owners: list[int], task: str) -> torch.Tensor:
+    """``score_in_chunks(captioner, prompts[owners], texts, task)`` where many texts share a prompt:
+    :meth:`RegionCaptioner.score_shared` over ``generation_batch_size`` texts at a time, each chunk
+    with the prompts its texts use, each computed once."""
+    step = captioner.config.generation_batch_size
+    if not texts:
+        return torch.zeros(0)
+    out = []
+    for i in range(0, len(texts), step):
+        chunk = owners[i : i + step]
+        used = sorted(set(chunk))
+        local = {r: k for k, r in enumerate(used)}
+        rows = torch.as_tensor(used, device=prompts.device)
+        out.append(captioner.score_shared(prompts[rows], texts[i : i + step], [local[r] for r in chunk], task).float().cpu())
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def protocol_rows(captioner: RegionCaptioner, batch: dict[str, Any], encoded: EncodedBatch, task: str, score_captions: bool = False) -> list[dict]:
     """Prediction rows of a :func:`~fineregion_pl.data.protocol_data.collate_protocol` batch.

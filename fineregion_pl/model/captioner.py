@@ -303,6 +303,11 @@ class RegionCaptioner(nn.Module):
         return self.language.log_likelihood(prompts, texts, task)
 
     @torch.no_grad()
+    def score_shared(self, prompts: Tensor, texts: list[str], owners: list[int], task: str = "referring") -> Tensor:
+        """``score(prompts[owners], texts, task)`` with each prompt's context computed once for all its texts: ``(len(texts),)``."""
+        return self.language.log_likelihood_shared(prompts, texts, owners, task)
+
+    @torch.no_grad()
     def describe_batch(self, batch: dict[str, Any], encoded: Optional[EncodedBatch] = None, ignore_regions: bool = False) -> list[dict]:
         """Captions and categories for every valid region of a collated batch, aligned to region ids.
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from fineregion_pl.model.chunked_loss import token_nll
 from fineregion_pl.model.errors import BadInputError
-from fineregion_pl.model.packing import PackedLayout, pack_layout, packed_embeddings, segment_mean
+from fineregion_pl.model.packing import PackedLayout, pack_layout, packed_embeddings, segment_mean, shared_context_layout
 from fineregion_pl.model.precision import language_model_dtype
 
 IGNORE = -100
@@ -97,6 +97,16 @@ class LanguageModelConfig:
     packed_sequences: bool = True
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute the LM's layer activations in backward (transformers' own checkpointing), with the
+    input embeddings requiring grad so that a frozen embedding layer does not cut the graph."""
+    # transformers 5.x renamed gradient_checkpointing_enable (deprecated, removed in v6)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
 def load_language_model(config: LanguageModelConfig, precision: Optional[str] = None) -> tuple[nn.Module, transformers.PreTrainedTokenizerBase, bool]:
     """Load the LM and tokenizer with ``from_pretrained`` and wrap the LM with LoRA.
 
@@ -121,9 +131,7 @@ def load_language_model(config: LanguageModelConfig, precision: Optional[str] = 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        enable_activation_checkpointing(model)
     if config.lora.enabled:
         lora = LoraConfig(
             r=config.lora.r,
@@ -335,6 +343,39 @@ class RegionLanguageModel(nn.Module):
         sizes = [len(texts) for _, texts, _ in calls]
         sums = nll.new_zeros(sum(sizes)).index_add(0, layout.sequence, -nll)
         return list(sums.split(sizes))
+
+    @torch.no_grad()
+    def log_likelihood_shared(self, prompts: Tensor, texts: list[str], owners: list[int], task: str = "referring") -> Tensor:
+        """``log_likelihood(prompts[owners], texts, task)``, each prompt's context computed once.
+
+        Grounding scores every expression of an image against every region of that image: the
+        region's context (template + soft tokens) is the same for all of them. Here it is one
+        prefix that each of its texts attends to (:func:`~fineregion_pl.model.packing.shared_context_layout`),
+        instead of one copy per text. Needs an attention that takes a custom mask (``sdpa``,
+        ``eager``) and a packing family; otherwise the same numbers come from :meth:`log_likelihood`.
+        """
+        if not texts:
+            return prompts.new_zeros(0)
+        if not (self.packs and self._attention_takes_custom_masks()):
+            return self.log_likelihood(prompts[torch.as_tensor(owners, device=prompts.device)], texts, task)
+        context = self.context_embeddings(prompts, task)
+        eos = self.tokenizer.eos_token_id
+        unique = list(dict.fromkeys(texts))
+        tokens = dict(zip(unique, self.tokenizer(unique, add_special_tokens=False)["input_ids"]))
+        text_ids = [tokens[t] + [eos] for t in texts]
+        self.text_tokens += sum(len(ids) for ids in text_ids)
+        layout = shared_context_layout(context.shape[1], owners, text_ids, context.device, context.dtype)
+        flat = torch.tensor([t for ids in text_ids for t in ids], dtype=torch.long, device=context.device)
+        embeds = packed_embeddings(layout, [context], self.embed(flat))
+        out = self.model(inputs_embeds=embeds, attention_mask=layout.attention_mask, position_ids=layout.position_ids, use_cache=False,
+                         output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long, device=context.device))
+        hidden = out.hidden_states[-1].flatten(0, 1).index_select(0, layout.predict)
+        nll = token_nll(hidden, self.model.get_output_embeddings(), layout.targets)
+        return nll.new_zeros(len(texts)).index_add(0, layout.sequence, -nll)
+
+    def _attention_takes_custom_masks(self) -> bool:
+        """Whether the LM's attention reads a 4D additive mask as given (flash-attention's varlen path does not)."""
+        return getattr(getattr(self.model, "config", None), "_attn_implementation", None) in ("sdpa", "eager")
 
     def _padded_log_likelihood(self, prompts: Tensor | list[Tensor], texts: list[str], task: str) -> Tensor:
         logits, targets, _ = self.teacher_forced(prompts, texts, task)

@@ -15,6 +15,7 @@ outputs nobody reads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -36,6 +37,9 @@ class PackedLayout:
         sequence_tokens: ``(S,)`` target tokens of each sequence.
         call_tokens: target tokens of each call (host ints: no device sync to read them).
         real_tokens: tokens of real sequences (the rest of ``rows * width`` is filler).
+        attention_mask: ``(rows, 1, width, width)`` additive mask (0 or the dtype's minimum) when
+            the layout is not a plain block-diagonal causal one (:func:`shared_context_layout`),
+            else ``None`` (transformers builds the mask from ``position_ids``).
     """
 
     rows: int
@@ -49,6 +53,7 @@ class PackedLayout:
     sequence_tokens: Tensor
     call_tokens: list[int]
     real_tokens: int
+    attention_mask: Optional[Tensor] = None
 
     @property
     def padding_share(self) -> float:
@@ -146,6 +151,81 @@ def pack_layout(context_lengths: list[int], call_rows: list[int], text_ids: list
         sequence=seq.to(device), call=torch.tensor(calls, dtype=torch.long)[seq].to(device),
         sequence_tokens=torch.tensor([len(i) for ids in text_ids for i in ids], dtype=torch.long).to(device),
         call_tokens=[sum(len(i) for i in ids) for ids in text_ids], real_tokens=sum(lengths),
+    )
+
+
+def shared_context_layout(context_length: int, owners: list[int], text_ids: list[list[int]], device: torch.device,
+                          dtype: torch.dtype = torch.float32) -> PackedLayout:
+    """The layout that scores several texts after one shared context each, with the context computed once.
+
+    Context ``r`` (``L`` slots) is followed by every text ``j`` with ``owners[j] == r``; a text's
+    positions continue the context's (``L, L + 1, ...``), and its tokens see the context and the
+    earlier tokens of their own text only, so each text's log-likelihood is that of the sequence
+    ``[context r | text j]`` alone. Such trees are packed first-fit-decreasing into rows like
+    :func:`pack_layout`'s; the mask (additive, ``dtype``) is what keeps them apart. Sources are
+    numbered as in :func:`pack_layout` with one call of ``R = max(owners) + 1`` contexts.
+
+    Args:
+        context_length: ``L``, the length of every context.
+        owners: per text, the index of its context.
+        text_ids: per text, its target token ids (EOS included).
+        device: where the tensors go.
+        dtype: of the additive mask (the LM's).
+    """
+    if len(owners) != len(text_ids):
+        raise ValueError(f"{len(owners)} owners but {len(text_ids)} texts")
+    contexts = max(owners, default=-1) + 1
+    texts_of: list[list[int]] = [[] for _ in range(contexts)]
+    for j, r in enumerate(owners):
+        texts_of[r].append(j)
+    used = [r for r in range(contexts) if texts_of[r]]
+    sizes = [context_length + sum(len(text_ids[j]) for j in texts_of[r]) for r in used]
+    width, bins = packed_rows(sizes)
+    text_start, offset = [], contexts * context_length
+    for ids in text_ids:
+        text_start.append(offset)
+        offset += len(ids)
+    filler = offset
+    # built as Python lists, one tensor each at the end: grounding lays out hundreds of short texts
+    source, positions, tree, branch = [], [], [], []  # tree -1: filler; branch 0: a context, j + 1: text j
+    predict_of: list[list[int]] = [[] for _ in text_ids]
+    for items in bins:
+        row_start = len(source)
+        for item in items:
+            r = used[item]
+            source.extend(range(r * context_length, (r + 1) * context_length))
+            positions.extend(range(context_length))
+            branch.extend([0] * context_length)
+            last_context = len(source) - 1
+            for j in texts_of[r]:
+                t = len(text_ids[j])
+                predict_of[j] = [last_context] + list(range(len(source), len(source) + t - 1))
+                source.extend(range(text_start[j], text_start[j] + t))
+                positions.extend(range(context_length, context_length + t))
+                branch.extend([j + 1] * t)
+            tree.extend([item] * sizes[item])
+        pad = width - (len(source) - row_start)
+        source.extend([filler] * pad)
+        positions.extend([0] * pad)
+        branch.extend([0] * pad)
+        tree.extend([-1] * pad)
+    shape = (len(bins), width)
+    source_t, tree = torch.tensor(source).view(shape), torch.tensor(tree).view(shape)
+    positions_t, branch = torch.tensor(positions).view(shape), torch.tensor(branch).view(shape)
+    free = tree < 0
+    tree[free] = -1 - torch.arange(int(free.sum()))  # filler slots only see themselves
+    order = torch.arange(width)
+    allowed = ((tree[:, :, None] == tree[:, None, :]) & (order[None, :, None] >= order[None, None, :])
+               & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])))
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    sequence = [j for j, slots in enumerate(predict_of) for _ in slots]
+    return PackedLayout(
+        rows=len(bins), width=width, source=source_t.flatten().to(device), position_ids=positions_t.to(device),
+        predict=torch.tensor([s for slots in predict_of for s in slots], dtype=torch.long).to(device),
+        targets=torch.tensor([t for ids in text_ids for t in ids], dtype=torch.long).to(device),
+        sequence=torch.tensor(sequence, dtype=torch.long).to(device), call=torch.zeros(len(sequence), dtype=torch.long).to(device),
+        sequence_tokens=torch.tensor([len(ids) for ids in text_ids], dtype=torch.long).to(device),
+        call_tokens=[sum(len(ids) for ids in text_ids)], real_tokens=sum(sizes), attention_mask=mask.to(device),
     )
 
 

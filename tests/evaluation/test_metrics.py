@@ -8,7 +8,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from fineregion_pl.evaluation.captions import caption_metrics
 from fineregion_pl.evaluation.classification import category_from_text, classification_metrics
-from fineregion_pl.evaluation.grounding import grounding_metrics, grounding_outcome
+from fineregion_pl.evaluation.grounding import grounding_metrics, grounding_outcome, grounding_outcomes
+from fineregion_pl.evaluation.rec import hit_fraction
 from fineregion_pl.evaluation.report import results_table, write_results
 
 
@@ -89,6 +90,21 @@ def test_grounding_on_hand_built_cases():
     assert hit == 1.0 and iou == pytest.approx(100 / 120)
     summary = grounding_metrics([(1.0, 1.0), (0.0, 0.0), (0.5, 0.5)])
     assert summary == {"acc@0.5": pytest.approx(0.5), "mIoU": pytest.approx(0.5), "expressions": 3}
+
+
+def test_grounding_outcomes_of_many_expressions_equal_one_at_a_time():
+    """The batched form gives each expression's numbers exactly, ties and one-candidate images included."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0], [0.0, 0.0, 10.0, 12.0], [1.0, 1.0, 9.0, 9.5],
+                          [20.0, 20.0, 30.0, 30.0], [5.0, 5.0, 5.0, 5.0]])
+    scores = torch.tensor([-1.0, -1.0, -3.0, -9.0, -2.0, -7.5, -4.0, -0.5])
+    segments = torch.tensor([0, 0, 0, 1, 1, 1, 2, 3])
+    candidates = boxes[[0, 1, 2, 2, 3, 4, 5, 0]]
+    targets = boxes[[0, 3, 5, 4]]
+    ours = grounding_outcomes(scores, segments, candidates, targets)
+    expected = [(*grounding_outcome(scores[segments == e], candidates[segments == e], targets[e]),
+                 hit_fraction(candidates[segments == e].tolist(), targets[e].tolist())) for e in range(4)]
+    assert ours == expected
+    assert ours[0][:2] == (0.5, 0.5) and ours[0][2] == pytest.approx(2 / 3)  # a tie shares the credit; 2 of 3 candidates hit
 
 
 def test_results_files_and_table(tmp_path):

@@ -9,7 +9,7 @@ import transformers
 
 from fineregion_pl.model.chunked_loss import token_nll
 from fineregion_pl.model.language_model import LanguageModelConfig, LoraSettings, RegionLanguageModel
-from fineregion_pl.model.packing import first_fit_decreasing, pack_layout
+from fineregion_pl.model.packing import first_fit_decreasing, pack_layout, shared_context_layout
 from fineregion_pl.train.tiny_lm import train_word_tokenizer
 
 TEXTS = ["a small red circle", "a big blue square near the left edge of the image", "left", "a green triangle",
@@ -32,9 +32,9 @@ def tiny_folder(tmp_path, family: str):
     return str(tmp_path / family)
 
 
-def language(folder: str, packed: bool) -> RegionLanguageModel:
+def language(folder: str, packed: bool, attention: str | None = None) -> RegionLanguageModel:
     torch.manual_seed(0)
-    lm = RegionLanguageModel(LanguageModelConfig(name_or_path=folder, packed_sequences=packed, lora=LoraSettings(dropout=0.0)))
+    lm = RegionLanguageModel(LanguageModelConfig(name_or_path=folder, packed_sequences=packed, attn_implementation=attention, lora=LoraSettings(dropout=0.0)))
     for name, p in lm.named_parameters():  # LoRA B starts at 0: make the adapter matter
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
@@ -106,3 +106,35 @@ def test_chunked_nll_equals_full_cross_entropy_and_its_gradient():
     reference.sum().backward()
     torch.testing.assert_close(g_ours, hidden.grad)
     torch.testing.assert_close(g_head, head.weight.grad)
+
+
+@pytest.mark.parametrize(("family", "attention"), [("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", None)])
+def test_shared_context_scores_equal_one_sequence_per_text(tmp_path, family, attention):
+    """Grounding's layout: each context once, its texts after it; the scores of the padded LM."""
+    folder = tiny_folder(tmp_path, family)
+    shared, padded = language(folder, True, attention).eval(), language(folder, False, attention).eval()  # gpt2 has dropout
+    padded.load_state_dict(shared.state_dict())
+    prompts = torch.randn(4, 3, shared.hidden_size, generator=torch.Generator().manual_seed(3))
+    owners = [2, 0, 2, 2, 3, 0, 1, 3]  # context 1 has one text, the others several; out of order
+    texts = [TEXTS[j % len(TEXTS)] for j in range(len(owners))]
+    with torch.no_grad():
+        ours = shared.log_likelihood_shared(prompts, texts, owners, "referring")
+        reference = padded.log_likelihood(prompts[owners], texts, "referring")
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
+    assert len(shared.log_likelihood_shared(prompts, [], [], "referring")) == 0
+
+
+def test_shared_context_layout_keeps_texts_apart():
+    layout = shared_context_layout(3, [0, 1, 0], [[7, 8], [9], [5, 6, 4]], torch.device("cpu"))
+    assert layout.real_tokens == 3 + 2 + 3 + 3 + 1
+    allowed = (layout.attention_mask == 0)[:, 0]
+    slots = layout.source.view(layout.rows, layout.width)
+    text = {int(s): (r, k) for r in range(layout.rows) for k, s in enumerate(slots[r].tolist())}
+    row, first_of_0 = text[6]  # sources: 2 contexts x 3 slots, then the texts' tokens from 6
+    _, first_of_2 = text[9]
+    assert allowed[row, first_of_2, first_of_2] and not allowed[row, first_of_2, first_of_0]  # text 2 does not see text 0
+    assert allowed[row, first_of_2, first_of_0 - 1]  # it sees its context's last slot
+    assert layout.position_ids[row, first_of_2] == layout.position_ids[row, first_of_0] == 3  # both continue the context
+    assert layout.predict.numel() == layout.targets.numel() == 6 and layout.sequence.tolist() == [0, 0, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="2 owners but 3 texts"):
+        shared_context_layout(3, [0, 1], [[1], [2], [3]], torch.device("cpu"))
