@@ -126,7 +126,9 @@ def test_masks_are_pooled_and_detections_described_with_their_detector_fields(ca
         z_masked = features["z"]
     finally:
         captioner.vision.forward = original
-    assert not torch.allclose(z_masked[0, 0], z_plain[0, 0]) and torch.equal(z_masked[0, 1], z_plain[0, 1])
+    assert not torch.allclose(z_masked[0, 0], z_plain[0, 0])
+    # the region without a mask pools the same; to float rounding, as a batch with a mask takes the dense path
+    torch.testing.assert_close(z_masked[0, 1], z_plain[0, 1], atol=1e-5, rtol=0)
     with pytest.raises(BadInputError, match="image 0 region 0: the RLE mask is 10x10"):
         captioner.describe(image, boxes, masks=[rle(np.ones((10, 10))), None])
 
