@@ -44,7 +44,7 @@ from fineregion_pl.model.box_integrals import (  # noqa: E402
     integrals_faster,
     pool_levels,
 )
-from fineregion_pl.model.box_pool_kernel import use_kernel  # noqa: E402
+from fineregion_pl.model.box_pool_kernel import box_pool  # noqa: E402
 from fineregion_pl.model.boxes import sanitize_boxes  # noqa: E402
 from fineregion_pl.model.encoder import EncoderConfig, RegionEncoder  # noqa: E402
 from fineregion_pl.model.region_masks import box_masks, masked_mean  # noqa: E402
@@ -73,7 +73,7 @@ def pooling_encoder() -> RegionEncoder:
 
 def path(features: list[torch.Tensor], boxes: torch.Tensor, image_size: tuple[int, int]) -> str:
     """Which way ``RegionEncoder.pool`` takes for these inputs, in words."""
-    if use_kernel(features, boxes, image_size):
+    if box_pool(features, boxes, image_size) is not None:
         return "the compiled per-box loop, model/box_pool_kernel.py"
     return "the dense masked matmul"
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from fineregion_pl.model.box_integrals import LazyBoxMasks, integrals_exact, pool_boxes, pool_levels, use_integrals
-from fineregion_pl.model.box_pool_kernel import box_pool, use_kernel
+from fineregion_pl.model.box_pool_kernel import box_pool
 from fineregion_pl.model.errors import BadInputError
 from fineregion_pl.model.region_masks import area_downsample, box_masks, merge_masks
 from fineregion_pl.model.roi_pooling import RoIAlignPooling, roi_grid
@@ -164,7 +164,7 @@ class RegionEncoder(nn.Module):
 
         Soft box masks with no ``mask_transform`` and no ``segmentations`` are pooled on the CPU
         by a compiled loop over the cells under each box (:mod:`~fineregion_pl.model.box_pool_kernel`,
-        where it builds and the boxes are small enough for it to be cheaper, :func:`use_kernel`), else from
+        where it builds and the boxes are small enough for it to be cheaper, :func:`~fineregion_pl.model.box_pool_kernel.box_pool`), else from
         streamed prefix sums (:mod:`~fineregion_pl.model.box_integrals`, exact) on the levels
         where the images have enough region slots for that to be the cheaper way
         (:func:`use_integrals`, :func:`~fineregion_pl.model.box_integrals.pool_boxes`); the
@@ -184,8 +184,9 @@ class RegionEncoder(nn.Module):
             ``z (B, N, D)`` (levels concatenated) and the per-level masks pooled with.
         """
         exact = integrals_exact(self.pooling, hard, mask_transform, segmentations)
-        if exact and use_kernel(features, boxes, image_size):
-            return box_pool(features, boxes, image_size), LazyBoxMasks(boxes, image_size, features)
+        z = box_pool(features, boxes, image_size) if exact else None  # None: the kernel declines (see box_pool)
+        if z is not None:
+            return z, LazyBoxMasks(boxes, image_size, features)
         if use_integrals(features, boxes, exact):
             return pool_boxes(features, boxes, image_size), LazyBoxMasks(boxes, image_size, features)
         masks = [box_masks(boxes, image_size, f.shape[1:3], hard=hard).to(f.dtype) for f in features]

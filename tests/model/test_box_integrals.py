@@ -116,7 +116,7 @@ def tiny_encoder() -> RegionEncoder:
 
 def test_the_encoder_picks_summed_area_tables_only_when_exact(monkeypatch):
     """Where the compiled CPU loop does not run (a GPU, no compiler): prefix sums or the dense path."""
-    monkeypatch.setattr("fineregion_pl.model.encoder.use_kernel", lambda *args: False)
+    monkeypatch.setattr("fineregion_pl.model.encoder.box_pool", lambda *args: None)
     encoder = tiny_encoder()
     features = level_features()[:2]
     boxes = odd_boxes()

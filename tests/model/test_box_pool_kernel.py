@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fineregion_pl.model import box_pool_kernel
-from fineregion_pl.model.box_pool_kernel import box_pool, kernel_cheaper, use_kernel
+from fineregion_pl.model.box_pool_kernel import box_pool
 from fineregion_pl.model.encoder import EncoderConfig
 from fineregion_pl.model.region_masks import box_masks, masked_mean
 
@@ -45,7 +45,7 @@ def dense(features: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
 def test_kernel_equals_the_dense_path_with_its_gradient(dtype):
     boxes = awkward_boxes()
     ours_in, reference_in = levels(dtype, True), levels(dtype, True)
-    ours, reference = box_pool(ours_in, boxes, SIZE), dense(reference_in, boxes)
+    ours, reference = box_pool(ours_in, boxes, SIZE, max_touched_share=float("inf")), dense(reference_in, boxes)
     assert ours.dtype == dtype and ours.shape == (3, 9, 70 + 3 + 128)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
     for empty in [(0, 1), (0, 2), (1, 0), (1, 1)]:  # zero-area, reversed, NaN and outside boxes pool to zeros
@@ -59,10 +59,12 @@ def test_kernel_equals_the_dense_path_with_its_gradient(dtype):
 
 def test_the_rule_keeps_whole_image_boxes_on_the_dense_path():
     features = levels()
-    small = torch.tensor([[[10.0, 10.0, 20.0, 18.0]] * 4])
-    whole = torch.tensor([[[0.0, 0.0, 128.0, 96.0]] * 4])
-    assert kernel_cheaper(features, small, SIZE) and not kernel_cheaper(features, whole, SIZE)
-    assert use_kernel(features, small, SIZE) and not use_kernel([f.to(torch.bfloat16) for f in features], small, SIZE)
+    small = torch.tensor([[[10.0, 10.0, 20.0, 18.0]] * 4] * 3)
+    whole = torch.tensor([[[0.0, 0.0, 128.0, 96.0]] * 4] * 3)
+    assert box_pool(features, small, SIZE) is not None and box_pool(features, whole, SIZE) is None
+    assert box_pool(features, whole, SIZE, max_touched_share=float("inf")) is not None
+    assert box_pool([f.to(torch.bfloat16) for f in features], small, SIZE) is None  # bf16: the dense path
+    assert box_pool(features, small[:, :0], SIZE) is None  # no regions
 
 
 def test_the_encoder_pools_boxes_by_the_kernel_and_builds_masks_only_when_read(monkeypatch):
@@ -71,7 +73,7 @@ def test_the_encoder_pools_boxes_by_the_kernel_and_builds_masks_only_when_read(m
     features = levels()[:2]
     boxes = awkward_boxes()
     calls = []
-    monkeypatch.setattr("fineregion_pl.model.encoder.box_pool", lambda *a: calls.append(1) or box_pool(*a))
+    monkeypatch.setattr("fineregion_pl.model.encoder.box_pool", lambda *a: calls.append(1) or box_pool(*a, max_touched_share=float("inf")))
     z, masks = encoder.pool(features, boxes, SIZE)
     assert calls == [1]
     torch.testing.assert_close(z, dense(features, boxes), atol=1e-5, rtol=0)
