@@ -83,6 +83,14 @@ def _usage(plain: dict[str, tuple[Callable, str]]) -> str:
     return "\n".join(lines)
 
 
+def error_line(text: str) -> None:
+    """``fineregion-pl: error: <text>`` on stderr in one write: ranks of a distributed run that fail
+    together share the stream, and with ``print`` (text, then the newline, unbuffered under
+    ``PYTHONUNBUFFERED``) their lines could run into each other."""
+    sys.stderr.write(f"fineregion-pl: error: {text}\n")
+    sys.stderr.flush()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``fineregion-pl`` console script."""
     from_command_line = argv is None
@@ -103,18 +111,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             run_lightning(None if from_command_line else argv)
     except FineRegionError as err:
-        print(f"fineregion-pl: error: {err}", file=sys.stderr)
+        error_line(str(err))
         raise SystemExit(1) from None
     except Exception as err:  # noqa: BLE001 - ours inside a library's wrapper (jsonargparse instantiating a class_path) is still one line
         ours = wrapped_error(err)
         if ours is not None:
-            print(f"fineregion-pl: error: {ours}", file=sys.stderr)
+            error_line(str(ours))
             raise SystemExit(1) from None
         if not isinstance(err, RuntimeError) or not lost_peer(err):
             raise
         traceback.print_exc()  # the whole story in the log; the summary is the last line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"fineregion-pl: error: a training process was lost ({first[:200]}); fix the cause, then resume with --ckpt_path last", file=sys.stderr)
+        error_line(f"a training process was lost ({first[:200]}); fix the cause, then resume with --ckpt_path last")
         raise SystemExit(1) from None
 
 

@@ -157,6 +157,22 @@ void backward_image(const T* grad, int64_t grad_stride, const Regions<T>& g, int
   }
 }
 
+// fn(b, level, h, w, d, offset) for every image (threads over images) and level of the (B, h, w, d)
+// maps, offset being the level's first channel in the concatenated (B, N, sum d)
+template <typename Fn>
+void each_image_and_level(int64_t B, const std::vector<torch::Tensor>& maps, const Fn& fn) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t offset = 0;
+      for (size_t level = 0; level < maps.size(); ++level) {
+        const auto& m = maps[level];
+        fn(b, level, m.size(1), m.size(2), m.size(3), offset);
+        offset += m.size(3);
+      }
+    }
+  });
+}
+
 void check(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
@@ -185,7 +201,7 @@ double touched_share(const std::vector<torch::Tensor>& features, const double* b
 // every level's (B, h, w, d) map pooled under every (B, N, 4) xyxy box into one (B, N, sum d); an
 // empty tensor instead when the boxes touch more than max_share of the cells (the dense matmul is cheaper)
 torch::Tensor box_pool_forward(std::vector<torch::Tensor> features, torch::Tensor boxes_in, double height, double width, double max_share) {
-  check(boxes_in, "boxes");
+  TORCH_CHECK(boxes_in.device().is_cpu(), "boxes must be on the CPU");
   auto boxes = boxes_in.to(torch::kFloat64).contiguous();
   const int64_t B = boxes.size(0), N = boxes.size(1);
   const double* bx = boxes.data_ptr<double>();
@@ -195,16 +211,9 @@ torch::Tensor box_pool_forward(std::vector<torch::Tensor> features, torch::Tenso
   for (auto& f : features) total += f.size(3);
   auto out = torch::empty({B, N, total}, features[0].options());
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "box_pool_forward", [&] {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        int64_t offset = 0;
-        for (auto& f : features) {
-          const int64_t h = f.size(1), w = f.size(2), d = f.size(3);
-          Regions<scalar_t> g(bx + b * N * 4, N, h, w, height, width);
-          forward_image<scalar_t>(f.data_ptr<scalar_t>() + b * h * w * d, g, d, out.data_ptr<scalar_t>() + b * N * total + offset, total);
-          offset += d;
-        }
-      }
+    each_image_and_level(B, features, [&](int64_t b, size_t level, int64_t h, int64_t w, int64_t d, int64_t offset) {
+      Regions<scalar_t> g(bx + b * N * 4, N, h, w, height, width);
+      forward_image<scalar_t>(features[level].data_ptr<scalar_t>() + b * h * w * d, g, d, out.data_ptr<scalar_t>() + b * N * total + offset, total);
     });
   });
   return out;
@@ -212,23 +221,17 @@ torch::Tensor box_pool_forward(std::vector<torch::Tensor> features, torch::Tenso
 
 // the gradient of every level's map from the (B, N, sum d) gradient of the output
 std::vector<torch::Tensor> box_pool_backward(torch::Tensor grad, torch::Tensor boxes_in, double height, double width, std::vector<int64_t> sizes) {
-  check(grad, "grad"); check(boxes_in, "boxes");
+  check(grad, "grad");
+  TORCH_CHECK(boxes_in.device().is_cpu(), "boxes must be on the CPU");
   auto boxes = boxes_in.to(torch::kFloat64).contiguous();
   const int64_t B = grad.size(0), N = grad.size(1), total = grad.size(2);
   std::vector<torch::Tensor> out;
   for (size_t l = 0; l + 2 < sizes.size(); l += 3) out.push_back(torch::zeros({B, sizes[l], sizes[l + 1], sizes[l + 2]}, grad.options()));
   const double* bx = boxes.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "box_pool_backward", [&] {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        int64_t offset = 0;
-        for (auto& gf : out) {
-          const int64_t h = gf.size(1), w = gf.size(2), d = gf.size(3);
-          Regions<scalar_t> g(bx + b * N * 4, N, h, w, height, width);
-          backward_image<scalar_t>(grad.data_ptr<scalar_t>() + b * N * total + offset, total, g, d, gf.data_ptr<scalar_t>() + b * h * w * d);
-          offset += d;
-        }
-      }
+    each_image_and_level(B, out, [&](int64_t b, size_t level, int64_t h, int64_t w, int64_t d, int64_t offset) {
+      Regions<scalar_t> g(bx + b * N * 4, N, h, w, height, width);
+      backward_image<scalar_t>(grad.data_ptr<scalar_t>() + b * N * total + offset, total, g, d, out[level].data_ptr<scalar_t>() + b * h * w * d);
     });
   });
   return out;
@@ -236,7 +239,7 @@ std::vector<torch::Tensor> box_pool_backward(torch::Tensor grad, torch::Tensor b
 """
 
 ENV_SWITCH = "FINEREGION_BOX_KERNEL"
-BUILD_NAME = "fineregion_box_pool_v7"  # change with the source: torch caches builds by name and hash
+BUILD_NAME = "fineregion_box_pool_v9"  # change with the source: torch caches builds by name and hash
 KERNEL_MAX_TOUCHED_SHARE = 0.35
 """The kernel pools the levels when the cells under the boxes (each box's rows times columns, edges
 included) are at most this share of the dense matmul's ``N h w`` cells, summed over levels weighted by

@@ -119,8 +119,8 @@ def test_pooling_quick_rows_are_well_formed(one_thread, tmp_path):
         assert isinstance(r["value"], float) and math.isfinite(r["value"]), r
         assert isinstance(r["met"], bool) and r["target"] and r["figure"] and r["note"]
     figures = {r["figure"] for r in rows}
-    assert {"speed-up vs torchvision roi_align", "share of the machine's matmul rate", "our time / floor", "summed-area time / floor",
-            "speed-up vs per-region loop (crop), summed-area path"} <= figures
+    assert {"speed-up vs torchvision roi_align", "share of the machine's matmul rate (dense-equivalent FLOPs / our time)", "our time / floor",
+            "speed-up vs per-region loop (crop)", "prefix-sum / dense time where the rule picks prefix sums (worst level)"} <= figures
 
     text = runner.report(rows, "python benchmarks/run.py --quick", 1.0)
     assert "| benchmark | figure | value | target | met | note |" in text
