@@ -6,16 +6,17 @@ The soft-coverage masked mean of a box (:func:`~fineregion_pl.model.region_masks
 multiplies every region's full ``h w`` mask with the features (``2 N h w d`` FLOPs per image); a box
 covering a share ``a`` of the image needs only ``a h w d`` multiply-adds, and no mask is built.
 Per-region loops in torch pay tens of microseconds of dispatch per region and level, so the loop
-is C++: one output row per ``(image, region)``, threads over them (ATen's ``parallel_for``), the
-channel loop vectorised by the compiler. Backward scatters the same weights into the features'
-gradient, threads over images (no two threads write one image).
+is C++: threads over images (ATen's ``parallel_for``); within an image, feature rows outer and the
+boxes covering each row inner, so a row is read from memory once; 64 channels at a time summed in
+registers. Backward scatters the same weights into the features' gradient the same way (no two
+threads write one image).
 
 The same weights as the dense path (float32 products of the same coverages) and the same
 normalisation rule (a region whose coverage sums to less than the dtype's ``tiny`` pools to zeros);
 only the summation order differs (tests: within 1e-5 of the dense path, gradients included).
 
 The extension is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (g++ and
-ninja, as DeepSpeed builds its ops; ~30 s once, cached in torch's extensions folder). Where that is
+ninja, as DeepSpeed builds its ops; ~25 s once, cached in torch's extensions folder). Where that is
 impossible (no compiler) :func:`available` is false, with one warning naming the reason, and the
 model keeps the dense path. ``FINEREGION_BOX_KERNEL=0`` switches the kernel off.
 """
@@ -252,21 +253,25 @@ def _extension():
     """The compiled extension, or ``None`` (with one warning) when it cannot be built here."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    try:
-        import logging
+    import logging
 
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on every CPU machine
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its "No CUDA runtime is found" on every CPU machine
+    try:
         from torch.utils.cpp_extension import load_inline
 
         # 512-bit vectors where the CPU has them (gcc prefers 256 by default): 6.4 vs 7.1 ms at Osprey's levels, same output
         flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-funroll-loops", "-fopenmp"]
-        print(f"fineregion-pl: loading the CPU box-pooling kernel ({BUILD_NAME}; compiled once per machine, ~30 s)", file=sys.stderr)
+        print(f"fineregion-pl: loading the CPU box-pooling kernel ({BUILD_NAME}; compiled once per machine, ~25 s)", file=sys.stderr)
         return load_inline(name=BUILD_NAME, cpp_sources=[_SOURCE], functions=["box_pool_forward", "box_pool_backward"],
                            extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # noqa: BLE001 - no compiler, no ninja, an unsupported platform: the dense path stays
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         warnings.warn(f"box pooling kernel not built ({type(err).__name__}: {first}); pooling boxes by the dense matmul", stacklevel=2)
         return None
+    finally:
+        logger.setLevel(level)
 
 
 def available() -> bool:
