@@ -50,7 +50,7 @@ def grounding_outcomes(scores: Tensor, segments: Tensor, candidate_boxes: Tensor
     ties = torch.zeros(count).index_add(0, segments, tied.float())
     hits = torch.zeros(count).index_add(0, segments, (tied & (ious >= 0.5)).float()) / ties
     mean_iou = torch.zeros(count).index_add(0, segments, torch.where(tied, ious, 0.0)) / ties
-    candidates = torch.zeros(count, dtype=torch.float64).index_add(0, segments, torch.ones_like(scores, dtype=torch.float64))
+    candidates = torch.bincount(segments, minlength=count).double()
     chance = torch.zeros(count, dtype=torch.float64).index_add(
         0, segments, (matched_box_iou(candidate_boxes.double(), targets.double()) >= 0.5).double()) / candidates
     return list(zip(hits.tolist(), mean_iou.tolist(), chance.tolist()))

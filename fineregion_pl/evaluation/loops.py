@@ -34,11 +34,11 @@ def ground_expressions(captioner: RegionCaptioner, batch: dict[str, Any], encode
     candidates = [(image_of == image_of[row]).nonzero().flatten() for row in rows]
     if not rows:
         return []
-    owners = torch.cat(candidates).tolist()
+    flat = torch.cat(candidates)
+    owners = flat.tolist()
     texts = [e for e, c in zip(expressions, candidates) for _ in range(len(c))]
     scores = score_shared_in_chunks(captioner, encoded.prompts, texts, owners, "referring")
     real = captioner.reported_boxes(batch)[0]
-    flat = torch.tensor(owners, device=index.device)
     referred = index[torch.tensor(rows, device=index.device)]
     segments = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor([len(c) for c in candidates]))
     return grounding_outcomes(scores, segments, real[image_of[flat], index[flat, 1]].cpu(), real[referred[:, 0], referred[:, 1]].cpu())

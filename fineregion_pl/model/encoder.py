@@ -185,10 +185,10 @@ class RegionEncoder(nn.Module):
         """
         exact = integrals_exact(self.pooling, hard, mask_transform, segmentations)
         z = box_pool(features, boxes, image_size) if exact else None  # None: the kernel declines (see box_pool)
-        if z is not None:
+        if z is None and use_integrals(features, boxes, exact):
+            z = pool_boxes(features, boxes, image_size)
+        if z is not None:  # masks are built only if read
             return z, LazyBoxMasks(boxes, image_size, features)
-        if use_integrals(features, boxes, exact):
-            return pool_boxes(features, boxes, image_size), LazyBoxMasks(boxes, image_size, features)
         masks = [box_masks(boxes, image_size, f.shape[1:3], hard=hard).to(f.dtype) for f in features]
         if segmentations is not None:
             masks = [merge_masks(level_segmentation(segmentations, m.shape[-2:], hard, m.dtype), m) for m in masks]

@@ -307,20 +307,33 @@ class RegionLanguageModel(nn.Module):
         """One forward of the calls' sequences packed: the layout, the last hidden states of the
         predicting positions ``(P, d)`` and the target tokens' negative log-likelihoods ``(P,)``."""
         contexts = [self.context_embeddings(prompts, task) for prompts, _, task in calls]
-        device = contexts[0].device
+        text_ids = self._target_ids([texts for _, texts, _ in calls])
+        layout = pack_layout([c.shape[1] for c in contexts], [c.shape[0] for c in contexts], text_ids, contexts[0].device)
+        hidden, nll = self._layout_forward(layout, contexts, [ids for call in text_ids for ids in call])
+        return layout, hidden, nll
+
+    def _target_ids(self, calls_texts: list[list[str]]) -> list[list[list[int]]]:
+        """Per call, per text, its token ids followed by EOS (each distinct text tokenised once:
+        grounding repeats each expression per candidate); counted in :attr:`text_tokens`."""
         eos = self.tokenizer.eos_token_id
-        unique = list(dict.fromkeys(t for _, texts, _ in calls for t in texts))  # grounding repeats each expression per candidate
+        unique = list(dict.fromkeys(t for texts in calls_texts for t in texts))
         tokens = dict(zip(unique, self.tokenizer(unique, add_special_tokens=False)["input_ids"])) if unique else {}
-        text_ids = [[tokens[t] + [eos] for t in texts] for _, texts, _ in calls]
+        text_ids = [[tokens[t] + [eos] for t in texts] for texts in calls_texts]
         self.text_tokens += sum(len(ids) for call in text_ids for ids in call)
-        layout = pack_layout([c.shape[1] for c in contexts], [c.shape[0] for c in contexts], text_ids, device)
-        flat = torch.tensor([t for call in text_ids for ids in call for t in ids], dtype=torch.long, device=device)
+        return text_ids
+
+    def _layout_forward(self, layout: PackedLayout, contexts: list[Tensor], text_ids: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """One LM forward of a packed ``layout`` (its ``attention_mask`` if it has one, else the mask
+        transformers derives from ``position_ids``): the last hidden states of the predicting
+        positions ``(P, d)`` and the target tokens' negative log-likelihoods ``(P,)``."""
+        device = contexts[0].device
+        flat = torch.tensor([t for ids in text_ids for t in ids], dtype=torch.long, device=device)
         embeds = packed_embeddings(layout, contexts, self.embed(flat))
         # the whole model's forward (its hooks: peft, FSDP, DeepSpeed), but logits of no position
-        out = self.model(inputs_embeds=embeds, position_ids=layout.position_ids, use_cache=False, output_hidden_states=True,
-                         logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))
+        out = self.model(inputs_embeds=embeds, attention_mask=layout.attention_mask, position_ids=layout.position_ids, use_cache=False,
+                         output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))
         hidden = out.hidden_states[-1].flatten(0, 1).index_select(0, layout.predict)
-        return layout, hidden, token_nll(hidden, self.model.get_output_embeddings(), layout.targets)
+        return hidden, token_nll(hidden, self.model.get_output_embeddings(), layout.targets)
 
     def _padded_text_loss(self, prompts: Tensor | list[Tensor], texts: list[str], task: str) -> tuple[Tensor, Tensor]:
         logits, targets, hidden = self.teacher_forced(prompts, texts, task)
@@ -359,18 +372,9 @@ class RegionLanguageModel(nn.Module):
         if not (self.packs and self._attention_takes_custom_masks()):
             return self.log_likelihood(prompts[torch.as_tensor(owners, device=prompts.device)], texts, task)
         context = self.context_embeddings(prompts, task)
-        eos = self.tokenizer.eos_token_id
-        unique = list(dict.fromkeys(texts))
-        tokens = dict(zip(unique, self.tokenizer(unique, add_special_tokens=False)["input_ids"]))
-        text_ids = [tokens[t] + [eos] for t in texts]
-        self.text_tokens += sum(len(ids) for ids in text_ids)
+        (text_ids,) = self._target_ids([texts])
         layout = shared_context_layout(context.shape[1], owners, text_ids, context.device, context.dtype)
-        flat = torch.tensor([t for ids in text_ids for t in ids], dtype=torch.long, device=context.device)
-        embeds = packed_embeddings(layout, [context], self.embed(flat))
-        out = self.model(inputs_embeds=embeds, attention_mask=layout.attention_mask, position_ids=layout.position_ids, use_cache=False,
-                         output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long, device=context.device))
-        hidden = out.hidden_states[-1].flatten(0, 1).index_select(0, layout.predict)
-        nll = token_nll(hidden, self.model.get_output_embeddings(), layout.targets)
+        _, nll = self._layout_forward(layout, [context], text_ids)
         return nll.new_zeros(len(texts)).index_add(0, layout.sequence, -nll)
 
     def _attention_takes_custom_masks(self) -> bool:
